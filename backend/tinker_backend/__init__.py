@@ -1,0 +1,1 @@
+"""The self-hostable Tinker server: API, store, scheduler and the LoRA engine."""

@@ -1,0 +1,14 @@
+"""The one error type the backend raises on purpose: an HTTP-style status and a clear message."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A request cannot be served. ``status`` is HTTP-style (400 bad input, 404 unknown id, ...);
+    ``category`` is "user" for the caller's mistakes and "server" for ours."""
+
+    def __init__(self, status: int, message: str, category: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.category = category or ("user" if status < 500 else "server")

@@ -1,0 +1,210 @@
+"""Per-base-model scheduling: seq_id order per run, clock cycles across runs, one compute thread.
+
+Each base model has one ``ModelScheduler`` and one compute thread; the engine is only ever
+touched from that thread, and never from the event loop. A run's training requests execute
+strictly in ``seq_id`` order and wait on gaps. A *clock cycle* gathers, for every run, the
+ready ``forward`` / ``forward_backward`` requests at the head of its queue plus the ordered
+operation that follows them (``optim_step``, a save or a load: a barrier for that run only),
+executes all gathered forward/backward work in one ``forward_backward_many`` call, then the
+barriers. A repeated ``(run, seq_id)`` is answered with the first answer and applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinker_backend.errors import ServiceError
+
+logger = logging.getLogger("tinker_backend.scheduler")
+
+# Answers kept per run for de-duplicating re-sent requests (a reconnecting client re-sends
+# only what it has not heard back about, so a short window is enough).
+_ANSWER_WINDOW = 4096
+
+
+@dataclass
+class FwdBwdWork:
+    """A ``forward`` / ``forward_backward`` request waiting for a clock cycle."""
+
+    data: list[Any]
+    loss_fn: str
+    loss_fn_config: dict[str, float] | None
+    backward: bool
+
+
+@dataclass
+class _Pending:
+    work: FwdBwdWork | Callable[[Any], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _RunQueue:
+    next_seq: int = 1
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    answers: OrderedDict[int, asyncio.Future[Any]] = field(default_factory=OrderedDict)
+
+
+class ModelScheduler:
+    """Owns one base model's engine, its compute thread and its runs' queues."""
+
+    def __init__(self, base_model: str, load_engine: Callable[[], Any]) -> None:
+        self.base_model = base_model
+        self._load_engine = load_engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{base_model[-24:]}")
+        self._engine: asyncio.Future[Any] | None = None
+        self._runs: dict[str, _RunQueue] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._cycles = itertools.count(1)
+
+    async def engine(self) -> Any:
+        """The engine, loaded on the compute thread the first time it is needed."""
+        if self._engine is None:
+            self._engine = asyncio.get_running_loop().run_in_executor(self._executor, self._load_engine)
+        try:
+            return await asyncio.shield(self._engine)
+        except Exception as e:
+            self._engine = None
+            raise ServiceError(400, f"base_model: cannot load {self.base_model!r}: {e}") from e
+
+    async def compute(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(engine)`` on the compute thread (FIFO with clock cycles)."""
+        engine = await self.engine()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, engine)
+
+    def add_run(self, run_id: str) -> None:
+        self._runs.setdefault(run_id, _RunQueue())
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def submit(self, run_id: str, seq_id: int, work: FwdBwdWork | Callable[[Any], Any]) -> asyncio.Future[Any]:
+        """Queue one ordered request of a run; the same ``seq_id`` twice gets the same future."""
+        queue = self._runs[run_id]
+        if seq_id in queue.answers:
+            return queue.answers[seq_id]
+        if seq_id in queue.pending:
+            return queue.pending[seq_id].future
+        if seq_id < queue.next_seq:
+            raise ServiceError(
+                409, f"seq_id: {seq_id} of run {run_id} already ran and its answer is no longer kept"
+            )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queue.pending[seq_id] = _Pending(work, future)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run_cycles(), name=f"cycles-{self.base_model}")
+        self._wakeup.set()
+        return future
+
+    async def _run_cycles(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while cycle := self._collect():
+                await self._execute(cycle)
+
+    def _collect(self) -> dict[str, tuple[list[_Pending], _Pending | None]]:
+        """For each run: the ready forward/backward work at its head and the barrier after it."""
+        cycle: dict[str, tuple[list[_Pending], _Pending | None]] = {}
+        for run_id, queue in self._runs.items():
+            fwd: list[_Pending] = []
+            barrier: _Pending | None = None
+            seq = queue.next_seq
+            while seq in queue.pending:
+                item = queue.pending.pop(seq)
+                self._remember(queue, seq, item.future)
+                seq += 1
+                if isinstance(item.work, FwdBwdWork):
+                    fwd.append(item)
+                else:
+                    barrier = item
+                    break
+            queue.next_seq = seq
+            if fwd or barrier:
+                cycle[run_id] = (fwd, barrier)
+        return cycle
+
+    @staticmethod
+    def _remember(queue: _RunQueue, seq: int, future: asyncio.Future[Any]) -> None:
+        queue.answers[seq] = future
+        while len(queue.answers) > _ANSWER_WINDOW:
+            queue.answers.popitem(last=False)
+
+    async def _execute(self, cycle: dict[str, tuple[list[_Pending], _Pending | None]]) -> None:
+        cycle_id = next(self._cycles)
+        try:
+            engine = await self.engine()
+        except ServiceError as e:
+            for fwd, barrier in cycle.values():
+                for item in [*fwd, *([barrier] if barrier else [])]:
+                    _settle(item.future, e)
+            return
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _run_cycle, engine, cycle, cycle_id
+        )
+        for item, outcome in outcomes:
+            _settle(item.future, outcome)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_cycle(
+    engine: Any, cycle: dict[str, tuple[list[_Pending], _Pending | None]], cycle_id: int
+) -> list[tuple[_Pending, Any]]:
+    """One clock cycle on the compute thread: merged forward/backward, then each run's barrier."""
+    from tinker_backend.engine.model_engine import FwdBwdItem
+
+    outcomes: list[tuple[_Pending, Any]] = []
+    merged: list[tuple[_Pending, FwdBwdItem]] = []
+    for run_id, (fwd, _) in cycle.items():
+        for item in fwd:
+            work = item.work
+            assert isinstance(work, FwdBwdWork)
+            merged.append(
+                (item, FwdBwdItem(run_id, work.data, work.loss_fn, work.loss_fn_config, work.backward))
+            )
+    if merged:
+        started = time.perf_counter()
+        try:
+            results = engine.forward_backward_many([fb for _, fb in merged])
+        except Exception as e:  # a failure of the whole pass fails each of its requests
+            logger.exception("clock cycle %d failed", cycle_id)
+            results = [e] * len(merged)
+        tokens = sum(d.model_input.length for _, fb in merged for d in fb.data)
+        for (item, _), result in zip(merged, results, strict=True):
+            if not isinstance(result, Exception):
+                result.metrics["clock_cycle:unique"] = float(cycle_id)
+                result.metrics["cycle_runs:max"] = float(len(cycle))
+                result.metrics["cycle_tokens:max"] = float(tokens)
+                result.metrics["cycle_seconds:max"] = time.perf_counter() - started
+            outcomes.append((item, result))
+    for _, barrier in cycle.values():
+        if barrier is not None:
+            work = barrier.work
+            assert callable(work)
+            try:
+                outcomes.append((barrier, work(engine)))
+            except Exception as e:
+                outcomes.append((barrier, e))
+    return outcomes
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

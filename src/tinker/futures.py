@@ -1,0 +1,119 @@
+"""``APIFuture``: the result of every primitive, awaitable and blockable.
+
+Every client method starts its work at once on the client's background event loop and returns
+an ``APIFuture``. Use it the way your code already runs:
+
+Sync code and notebooks::
+
+    fb = training_client.forward_backward(data, "cross_entropy")
+    step = training_client.optim_step(tinker.AdamParams(learning_rate=1e-3))
+    print(fb.result().metrics, step.result())
+
+Async code (the caller's loop is never blocked while waiting)::
+
+    fb = training_client.forward_backward(data, "cross_entropy")
+    step = training_client.optim_step(tinker.AdamParams(learning_rate=1e-3))
+    out = await fb
+    await step
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import warnings
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+__all__ = ["APIFuture", "BackgroundLoop"]
+
+
+class BackgroundLoop:
+    """One event loop on a daemon thread, shared by every client of this process."""
+
+    _instance: BackgroundLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tinker-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> BackgroundLoop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> APIFuture[T]:
+        """Schedule ``coro`` on the background loop and return its future at once."""
+        return APIFuture(asyncio.run_coroutine_threadsafe(coro, self.loop), self)
+
+
+class APIFuture(Generic[T]):
+    """The pending result of one operation.
+
+    ``await fut`` waits without blocking the running loop; ``fut.result(timeout)`` blocks the
+    calling thread; ``fut.future()`` is the underlying ``concurrent.futures.Future`` (cancelling
+    it cancels the operation).
+    """
+
+    def __init__(self, future: concurrent.futures.Future[T], loop: BackgroundLoop) -> None:
+        self._future = future
+        self._loop = loop
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until the result is ready; raises ``TimeoutError`` after ``timeout`` seconds."""
+        if not self._future.done():
+            if self._loop.in_loop_thread():
+                raise RuntimeError(
+                    "APIFuture.result() called on the tinker background loop would deadlock; "
+                    "use `await` instead"
+                )
+            if _running_loop() is not None:
+                warnings.warn(
+                    "APIFuture.result() blocks the running event loop; use `await fut` instead",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._future.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        """Await the result; after ``timeout`` seconds raise ``TimeoutError`` and cancel the work."""
+        return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    async def coroutine(self) -> T:
+        """The result as a coroutine, for ``asyncio.create_task`` and ``asyncio.gather``."""
+        return await self
+
+    def future(self) -> concurrent.futures.Future[T]:
+        return self._future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def map(self, fn: Callable[[T], U]) -> APIFuture[U]:
+        """A future of ``fn(result)``, computed on the background loop."""
+
+        async def mapped() -> U:
+            return fn(await asyncio.wrap_future(self._future))
+
+        return self._loop.submit(mapped())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

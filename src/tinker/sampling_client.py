@@ -1,0 +1,118 @@
+"""``SamplingClient``: sample from a base model or a frozen snapshot of a LoRA adapter."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from tinker import _wire
+from tinker._holder import Holder, wrap
+from tinker.futures import APIFuture
+from tinker.types import ModelInput, SampleResponse, SamplingParams
+
+
+class SamplingClient:
+    """Samples and scores tokens. Every method returns an ``APIFuture`` at once.
+
+    A sampler never changes: weights saved later need a new sampler (so a stale client can
+    never silently serve old weights, and a live one never changes under you). The client is
+    awaitable, like ``TrainingClient``, and safe to share between tasks and threads.
+    """
+
+    def __init__(self, holder: Holder, created: APIFuture[_wire.SamplingSessionCreated]) -> None:
+        self._holder = holder
+        self._created = created
+        self._seq_lock = threading.Lock()
+        self._next_seq = 1
+
+    @classmethod
+    def create(
+        cls, holder: Holder, *, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
+        if model_path is None and base_model is None:
+            raise ValueError("model_path, base_model: expected one of them, got neither")
+        if model_path is not None and not model_path.startswith("tinker://"):
+            raise ValueError(f"model_path: expected 'tinker://<run_id>/sampler_weights/<name>', got {model_path!r}")
+        sampler_seq = holder.next_sampler_seq()
+
+        async def run() -> _wire.SamplingSessionCreated:
+            session_id = await wrap(holder.session_id())
+            return await holder.call(
+                _wire.CreateSamplingSession(
+                    sampling_session_id=f"{session_id}:sample:{sampler_seq}",
+                    model_path=model_path,
+                    base_model=base_model,
+                )
+            )
+
+        return cls(holder, holder.submit(run()))
+
+    def __await__(self) -> Generator[Any, None, SamplingClient]:
+        yield from self._created.__await__()
+        return self
+
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        self._created.result(timeout)
+        return self
+
+    @property
+    def sampling_session_id(self) -> str:
+        return self._created.future().result().sampling_session_id
+
+    def get_base_model(self) -> str:
+        return self._created.future().result().base_model
+
+    def get_tokenizer(self) -> Any:
+        return self._holder.get_tokenizer(self.get_base_model())
+
+    def sample(
+        self,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[SampleResponse]:
+        """Draw ``num_samples`` continuations of ``prompt``."""
+        if not isinstance(prompt, ModelInput):
+            raise TypeError(f"prompt: expected tinker.ModelInput, got {type(prompt).__name__}")
+        if prompt.length == 0:
+            raise ValueError("prompt: expected at least one token, got 0")
+        if type(num_samples) is not int or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params: expected tinker.SamplingParams, got {type(sampling_params).__name__}")
+        if type(topk_prompt_logprobs) is not int or topk_prompt_logprobs < 0:
+            raise ValueError(f"topk_prompt_logprobs: expected an int >= 0, got {topk_prompt_logprobs!r}")
+        with self._seq_lock:
+            seq_id = self._next_seq
+            self._next_seq += 1
+
+        async def run() -> SampleResponse:
+            created = await wrap(self._created)
+            return await self._holder.call(
+                _wire.Sample(
+                    sampling_session_id=created.sampling_session_id,
+                    seq_id=seq_id,
+                    prompt=prompt,
+                    num_samples=num_samples,
+                    sampling_params=sampling_params,
+                    include_prompt_logprobs=include_prompt_logprobs or topk_prompt_logprobs > 0,
+                    topk_prompt_logprobs=topk_prompt_logprobs,
+                )
+            )
+
+        return self._holder.submit(run())
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        """Log-probability of each prompt token given the ones before it (``None`` for the first)."""
+        response = self.sample(prompt, 1, SamplingParams(max_tokens=1), include_prompt_logprobs=True)
+        return response.map(lambda r: list(r.prompt_logprobs or []))
+
+    async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[SampleResponse]:
+        """Deprecated twin kept for Tinker compatibility; ``sample`` already returns a future."""
+        return self.sample(*args, **kwargs)
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        return self.compute_logprobs(prompt)

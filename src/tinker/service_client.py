@@ -1,0 +1,126 @@
+"""``ServiceClient``: the entry point. Creates training and sampling clients."""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+from typing import Any
+
+from tinker import _wire
+from tinker._holder import Holder, wrap
+from tinker.futures import APIFuture
+from tinker.sampling_client import SamplingClient
+from tinker.training_client import TrainingClient
+from tinker.types import GetServerCapabilitiesResponse, LoraConfig
+
+
+class ServiceClient:
+    """Connects to a backend: a ``tinker-server`` at ``base_url`` (or ``$TINKER_BASE_URL``), or,
+    when neither is set, a backend embedded in this process. Same code, same results.
+
+    Construction does no I/O; the session is created by the first call that needs it.
+
+    >>> service = ServiceClient()                                   # doctest: +SKIP
+    >>> tc = service.create_lora_training_client("tiny-llama", rank=8)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        user_metadata: dict[str, str] | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise TypeError(f"ServiceClient: unexpected keyword arguments {sorted(kwargs)}")
+        self.holder = Holder(base_url=base_url, api_key=api_key, data_dir=data_dir, user_metadata=user_metadata)
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict[str, str] | None = None,
+    ) -> TrainingClient:
+        """A new LoRA run on ``base_model``. The returned client is usable at once and awaitable."""
+        if not isinstance(base_model, str) or not base_model:
+            raise ValueError(f"base_model: expected a model name, got {base_model!r}")
+        config = LoraConfig(
+            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
+        )
+        model_seq = self.holder.next_model_seq()
+
+        async def run() -> _wire.ModelCreated:
+            session_id = await wrap(self.holder.session_id())
+            return await self.holder.call(
+                _wire.CreateModel(
+                    session_id=session_id,
+                    model_seq_id=model_seq,
+                    base_model=base_model,
+                    lora_config=config,
+                    user_metadata=dict(user_metadata or {}),
+                )
+            )
+
+        return TrainingClient(self.holder, self.holder.submit(run()))
+
+    def create_training_client_from_state(self, path: str) -> TrainingClient:
+        """A new run initialised from a ``weights`` checkpoint (adapter only, fresh optimizer)."""
+        return self._from_state(path, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> TrainingClient:
+        """A new run initialised from a ``weights`` checkpoint, adapter and optimizer state."""
+        return self._from_state(path, with_optimizer=True)
+
+    def _from_state(self, path: str, with_optimizer: bool) -> TrainingClient:
+        if not isinstance(path, str) or not path.startswith("tinker://"):
+            raise ValueError(f"path: expected 'tinker://<run_id>/weights/<name>', got {path!r}")
+        model_seq = self.holder.next_model_seq()
+
+        async def run() -> _wire.ModelCreated:
+            session_id = await wrap(self.holder.session_id())
+            return await self.holder.call(
+                _wire.CreateModelFromState(
+                    session_id=session_id, model_seq_id=model_seq, path=path, with_optimizer=with_optimizer
+                )
+            )
+
+        return TrainingClient(self.holder, self.holder.submit(run()))
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> SamplingClient:
+        """A sampler for a ``sampler_weights`` checkpoint, or for the plain ``base_model``."""
+        return SamplingClient.create(self.holder, model_path=model_path, base_model=base_model)
+
+    def get_server_capabilities(self) -> APIFuture[GetServerCapabilitiesResponse]:
+        """The models this backend can train and sample."""
+        return self.holder.submit(self.holder.call(_wire.GetServerCapabilities()))
+
+    def create_rest_client(self) -> Any:
+        from tinker.rest_client import RestClient
+
+        return RestClient(_holder=self.holder)
+
+    def close(self) -> APIFuture[None]:
+        return self.holder.submit(self.holder.aclose())
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close().result()
+
+    # Deprecated *_async twins of the Tinker SDK.
+    async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
+        return await self.create_lora_training_client(*args, **kwargs)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
+        return await self.create_sampling_client(*args, **kwargs)

@@ -1,0 +1,325 @@
+"""``TrainingClient``: one LoRA run on the backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tinker import _wire
+from tinker._holder import Holder, wrap
+from tinker.futures import APIFuture
+from tinker.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadWeightsResponse,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    TensorData,
+)
+
+if TYPE_CHECKING:
+    from tinker.sampling_client import SamplingClient
+
+LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
+
+CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
+
+
+class TrainingClient:
+    """A LoRA run. Every method returns an ``APIFuture`` at once.
+
+    Calls are numbered (``seq_id``) in the order they are made, and the backend runs them in
+    that order, so submitting ``forward_backward`` and then ``optim_step`` before awaiting
+    either is safe and lands both in the same clock cycle.
+
+    The client itself is awaitable (``tc = await service.create_lora_training_client(...)``),
+    and ``tc.result()`` waits for the run to exist; methods may be called before that.
+    """
+
+    def __init__(self, holder: Holder, created: APIFuture[_wire.ModelCreated]) -> None:
+        self._holder = holder
+        self._created = created
+        self._seq_lock = threading.Lock()
+        self._next_seq = 1
+
+    # --- the client as a future of itself -----------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, TrainingClient]:
+        yield from self._created.__await__()
+        return self
+
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        self._created.result(timeout)
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The run id, ``{session_id}:train:{n}`` (blocks until the run exists)."""
+        return self._created.future().result().model_id
+
+    def get_info(self) -> GetInfoResponse:
+        return self._created.future().result().info
+
+    def get_tokenizer(self) -> Any:
+        """The base model's tokenizer (a ``transformers`` tokenizer, loaded offline)."""
+        return self._holder.get_tokenizer(self._base_model())
+
+    def _base_model(self) -> str:
+        info = self.get_info()
+        return info.model_data.model_name or info.model_name or ""
+
+    # --- ordered submission -------------------------------------------------------------------
+
+    def _reserve(self, n: int = 1) -> int:
+        with self._seq_lock:
+            first = self._next_seq
+            self._next_seq += n
+            return first
+
+    def _submit(self, build: Callable[[str, int], Any]) -> APIFuture[Any]:
+        seq_id = self._reserve()
+
+        async def run() -> Any:
+            created = await wrap(self._created)
+            return await self._holder.call(build(created.model_id, seq_id))
+
+        return self._holder.submit(run())
+
+    # --- primitives ---------------------------------------------------------------------------
+
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Compute the loss and per-token logprobs without accumulating gradients."""
+        return self._forward_backward(data, loss_fn, loss_fn_config, forward_only=True)
+
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Compute the loss (summed over tokens) and accumulate its gradient until ``optim_step``."""
+        return self._forward_backward(data, loss_fn, loss_fn_config, forward_only=False)
+
+    def _forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None, forward_only: bool
+    ) -> APIFuture[ForwardBackwardOutput]:
+        data = _check_data(data, loss_fn)
+        config = _check_config(loss_fn_config)
+        return self._submit(
+            lambda model_id, seq_id: _wire.ForwardBackward(
+                model_id=model_id,
+                seq_id=seq_id,
+                data=data,
+                loss_fn=loss_fn,
+                loss_fn_config=config,
+                forward_only=forward_only,
+            )
+        )
+
+    def forward_backward_custom(
+        self, data: Sequence[Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Train on any differentiable function of the per-token logprobs.
+
+        ``loss_fn(data, logprobs) -> (loss, metrics)`` gets one torch tensor of target logprobs
+        per datum. The backend runs a forward pass for the logprobs, then a ``cross_entropy``
+        backward with weights ``-dloss/dlogprobs``, whose parameter gradient equals the custom
+        loss's. Costs one forward plus one forward-backward.
+        """
+        data = _check_data(data, "cross_entropy", need_weights=False)
+        first_seq = self._reserve(2)
+        surrogate_inputs = [
+            Datum(
+                model_input=d.model_input,
+                loss_fn_inputs={
+                    "target_tokens": d.loss_fn_inputs["target_tokens"],
+                    "weights": d.loss_fn_inputs.get("weights")
+                    or TensorData(data=[0.0] * d.loss_fn_inputs["target_tokens"].numel, dtype="float32",
+                                  shape=d.loss_fn_inputs["target_tokens"].shape),
+                },
+            )
+            for d in data
+        ]
+
+        async def run() -> ForwardBackwardOutput:
+            import torch
+
+            model_id = (await wrap(self._created)).model_id
+            forward = await self._holder.call(
+                _wire.ForwardBackward(
+                    model_id=model_id, seq_id=first_seq, data=surrogate_inputs,
+                    loss_fn="cross_entropy", forward_only=True,
+                )
+            )
+            logprobs = [out["logprobs"].to_torch().requires_grad_(True) for out in forward.loss_fn_outputs]
+            loss, metrics = loss_fn(list(data), logprobs)
+            loss.backward()
+            weighted = [
+                Datum(
+                    model_input=d.model_input,
+                    loss_fn_inputs={
+                        "target_tokens": d.loss_fn_inputs["target_tokens"],
+                        "weights": TensorData.from_torch(
+                            -(lp.grad if lp.grad is not None else torch.zeros_like(lp))
+                        ),
+                    },
+                )
+                for d, lp in zip(surrogate_inputs, logprobs, strict=True)
+            ]
+            backward = await self._holder.call(
+                _wire.ForwardBackward(
+                    model_id=model_id, seq_id=first_seq + 1, data=weighted, loss_fn="cross_entropy"
+                )
+            )
+            out_metrics = dict(backward.metrics)
+            out_metrics["surrogate_loss:sum"] = out_metrics.pop("loss:sum", 0.0)
+            out_metrics["loss:sum"] = float(loss.detach())
+            out_metrics.update({k: float(v) for k, v in metrics.items()})
+            return ForwardBackwardOutput(
+                loss_fn_output_type=backward.loss_fn_output_type,
+                loss_fn_outputs=backward.loss_fn_outputs,
+                metrics=out_metrics,
+            )
+
+        return self._holder.submit(run())
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """Apply the accumulated gradients with AdamW and zero them."""
+        params = adam_params if adam_params is not None else AdamParams()
+        if not isinstance(params, AdamParams):
+            raise TypeError(f"adam_params: expected tinker.AdamParams, got {type(params).__name__}")
+        return self._submit(
+            lambda model_id, seq_id: _wire.OptimStep(model_id=model_id, seq_id=seq_id, adam_params=params)
+        )
+
+    def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
+        """Save adapter and optimizer state as ``tinker://<run>/weights/<name>`` (for resuming)."""
+        _check_name(name)
+        return self._submit(
+            lambda model_id, seq_id: _wire.SaveState(
+                model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
+            )
+        )
+
+    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load the adapter weights of a ``weights`` checkpoint; the optimizer starts fresh."""
+        return self._load(path, with_optimizer=False)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load adapter weights and optimizer state, to resume training exactly."""
+        return self._load(path, with_optimizer=True)
+
+    def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        _check_path(path)
+        return self._submit(
+            lambda model_id, seq_id: _wire.LoadState(
+                model_id=model_id, seq_id=seq_id, path=path, with_optimizer=with_optimizer
+            )
+        )
+
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Save the adapter alone as ``tinker://<run>/sampler_weights/<name>`` (PEFT format)."""
+        _check_name(name)
+        return self._submit(
+            lambda model_id, seq_id: _wire.SaveWeightsForSampler(
+                model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
+            )
+        )
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """Snapshot the current weights into a new sampler (no file is kept) and return its client.
+
+        ``name`` is accepted for compatibility and ignored, as in the Tinker SDK.
+        """
+        from tinker.sampling_client import SamplingClient
+
+        sampler_seq = self._holder.next_sampler_seq()
+        seq_id = self._reserve()
+
+        async def run() -> _wire.SamplingSessionCreated:
+            model_id = (await wrap(self._created)).model_id
+            session_id = await wrap(self._holder.session_id())
+            sampling_session_id = f"{session_id}:sample:{sampler_seq}"
+            await self._holder.call(
+                _wire.SaveWeightsForSampler(
+                    model_id=model_id, seq_id=seq_id, sampling_session_id=sampling_session_id
+                )
+            )
+            return _wire.SamplingSessionCreated(
+                sampling_session_id=sampling_session_id, base_model=self._base_model()
+            )
+
+        return SamplingClient(self._holder, self._holder.submit(run()))
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        """A sampler for a saved ``sampler_weights`` checkpoint."""
+        from tinker.sampling_client import SamplingClient
+
+        return SamplingClient.create(self._holder, model_path=model_path)
+
+    # Deprecated *_async twins of the Tinker SDK: the plain methods already return futures.
+    async def forward_backward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward(*args, **kwargs)
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward(*args, **kwargs)
+
+    async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(*args, **kwargs)
+
+
+# --- client-side checks (the backend checks again) --------------------------------------------
+
+
+def _check_data(data: Sequence[Datum], loss_fn: str, need_weights: bool = True) -> list[Datum]:
+    if loss_fn not in LOSS_FNS:
+        raise ValueError(f"loss_fn: expected one of {list(LOSS_FNS)}, got {loss_fn!r}")
+    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+        raise TypeError(f"data: expected a list of tinker.Datum, got {type(data).__name__}")
+    if not data:
+        raise ValueError("data: expected at least one Datum, got an empty list")
+    for i, datum in enumerate(data):
+        if not isinstance(datum, Datum):
+            raise TypeError(f"data[{i}]: expected tinker.Datum, got {type(datum).__name__}")
+        n = datum.model_input.length
+        if n == 0:
+            raise ValueError(f"data[{i}].model_input: expected at least one token, got 0")
+        targets = datum.loss_fn_inputs.get("target_tokens")
+        if targets is None:
+            raise ValueError(f"data[{i}].loss_fn_inputs['target_tokens']: required, got nothing")
+        for key, tensor in datum.loss_fn_inputs.items():
+            shape = tensor.shape or [tensor.numel]
+            if shape[0] != n:
+                raise ValueError(
+                    f"data[{i}].loss_fn_inputs[{key!r}]: expected length {n} "
+                    f"(model_input.length), got shape {shape}"
+                )
+        if need_weights and loss_fn == "cross_entropy" and "weights" not in datum.loss_fn_inputs:
+            raise ValueError(f"data[{i}].loss_fn_inputs['weights']: required by 'cross_entropy', got nothing")
+    return list(data)
+
+
+def _check_config(config: dict[str, float] | None) -> dict[str, float] | None:
+    if config is None:
+        return None
+    out: dict[str, float] = {}
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"loss_fn_config[{key!r}]: expected a number, got {value!r}")
+        out[str(key)] = float(value)
+    return out
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"name: expected a non-empty checkpoint name without '/', got {name!r}")
+
+
+def _check_path(path: str) -> None:
+    if not isinstance(path, str) or not path.startswith("tinker://"):
+        raise ValueError(f"path: expected 'tinker://<run_id>/weights/<name>', got {path!r}")

@@ -1,0 +1,1 @@
+"""Renderers, RL environments, training loops and recipes on top of the Tinker primitives."""
