@@ -1,0 +1,84 @@
+"""Shared fixtures: a real ``tinker-server`` on a loopback port, and clients for both backends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import tinker
+
+TINY = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A ``tinker-server`` subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"server-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tinker_backend.cli", "--port", str(self.port), "--data-dir", str(data_dir), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tinker-server did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp("server-data"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded-data")
+
+
+@pytest.fixture(params=["embedded", "server"])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_service(
+    backend_kind: str, request: pytest.FixtureRequest, embedded_dir: Path
+) -> Callable[[], tinker.ServiceClient]:
+    """A factory of ``ServiceClient``s for the parametrised backend (embedded or a real server)."""
+    if backend_kind == "server":
+        server: ServerProcess = request.getfixturevalue("server")
+        return lambda: tinker.ServiceClient(base_url=server.base_url)
+    os.environ.pop("TINKER_BASE_URL", None)
+    return lambda: tinker.ServiceClient(data_dir=embedded_dir)

@@ -1,0 +1,112 @@
+"""Scheduler logic with a recording fake engine: seq_id order, gaps, de-duplication, cycles."""
+
+import asyncio
+
+import pytest
+
+from tinker.types import Datum, ForwardBackwardOutput, ModelInput
+from tinker_backend.errors import ServiceError
+from tinker_backend.scheduler import FwdBwdWork, ModelScheduler
+
+
+class RecordingEngine:
+    """Records what ran, in which cycle; answers forward_backward with the data length."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def forward_backward_many(self, items):
+        self.calls.append(("fb", *sorted(f"{i.adapter_id}" for i in items)))
+        return [
+            ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=[], metrics={"n:sum": len(i.data)})
+            for i in items
+        ]
+
+
+def fb_work() -> FwdBwdWork:
+    datum = Datum(model_input=ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [1], "weights": [1.0]})
+    return FwdBwdWork([datum], "cross_entropy", None, True)
+
+
+def barrier(engine: RecordingEngine, name: str) -> object:
+    def work(e):
+        e.calls.append(("barrier", name))
+        return name
+
+    return work
+
+
+@pytest.fixture
+def engine_and_scheduler():
+    engine = RecordingEngine()
+    scheduler = ModelScheduler("fake", lambda: engine)
+    yield engine, scheduler
+    scheduler.close()
+
+
+async def test_waits_on_gaps_and_runs_in_seq_order(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    scheduler.add_run("r")
+    second = scheduler.submit("r", 2, barrier(engine, "optim"))
+    await asyncio.sleep(0.05)
+    assert engine.calls == [] and not second.done()  # seq 1 missing: nothing may run
+    first = scheduler.submit("r", 1, fb_work())
+    assert await second == "optim"
+    assert (await first).metrics["n:sum"] == 1
+    assert engine.calls == [("fb", "r"), ("barrier", "optim")]
+
+
+async def test_merges_runs_into_one_cycle_and_barriers_are_per_run(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    for run in ("a", "b", "c"):
+        scheduler.add_run(run)
+    futures = [
+        scheduler.submit("a", 1, fb_work()),
+        scheduler.submit("a", 2, barrier(engine, "a-optim")),
+        scheduler.submit("a", 3, fb_work()),
+        scheduler.submit("b", 1, fb_work()),
+        scheduler.submit("b", 2, fb_work()),
+        scheduler.submit("c", 1, barrier(engine, "c-save")),
+    ]
+    await asyncio.gather(*futures)
+    # One merged pass for a, b, b; then barriers; a's work after its optim_step comes next cycle.
+    assert engine.calls[0] == ("fb", "a", "b", "b")
+    assert set(engine.calls[1:3]) == {("barrier", "a-optim"), ("barrier", "c-save")}
+    assert engine.calls[3] == ("fb", "a")
+    assert futures[0].result().metrics["cycle_runs:max"] == 3
+
+
+async def test_repeated_seq_id_answered_once(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    scheduler.add_run("r")
+    first = scheduler.submit("r", 1, barrier(engine, "once"))
+    again = scheduler.submit("r", 1, barrier(engine, "twice"))
+    assert again is first
+    assert await first == "once"
+    assert scheduler.submit("r", 1, barrier(engine, "thrice")) is first
+    assert engine.calls == [("barrier", "once")]
+
+
+async def test_failure_fails_only_its_request(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    scheduler.add_run("r")
+
+    def boom(e):
+        raise RuntimeError("boom")
+
+    bad = scheduler.submit("r", 1, boom)
+    good = scheduler.submit("r", 2, barrier(engine, "fine"))
+    with pytest.raises(RuntimeError, match="boom"):
+        await bad
+    assert await good == "fine"
+
+
+async def test_engine_load_failure_is_a_clear_error():
+    def fail():
+        raise OSError("no such folder")
+
+    scheduler = ModelScheduler("broken", fail)
+    scheduler.add_run("r")
+    with pytest.raises(ServiceError, match="cannot load 'broken'"):
+        await scheduler.submit("r", 1, fb_work())
+    scheduler.close()
