@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from pathlib import Path
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import _wire
 from tinker_backend.service import Backend
@@ -15,6 +16,7 @@ from tinker_backend.service import Backend
 logger = logging.getLogger("tinker_backend.api")
 
 BACKEND_KEY = web.AppKey("backend", Backend)
+SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 # Largest native frame accepted (a forward_backward of many long sequences fits easily).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 
@@ -32,6 +34,7 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
     backend = request.app[BACKEND_KEY]
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=30)
     await ws.prepare(request)
+    request.app[SOCKETS_KEY].add(ws)
     owner = "local"
     tasks: set[asyncio.Task[None]] = set()
 
@@ -71,10 +74,17 @@ def make_app(data_dir: Path, *, max_lora_rank: int = 256) -> web.Application:
         backend_holder["backend"] = Backend(data_dir, max_lora_rank=max_lora_rank)
         app[BACKEND_KEY] = backend_holder["backend"]
 
+    async def close_sockets(app: web.Application) -> None:
+        # Open WebSockets would otherwise hold a graceful shutdown until its timeout.
+        for ws in list(app[SOCKETS_KEY]):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
     async def stop(app: web.Application) -> None:
         backend_holder["backend"].close()
 
+    app[SOCKETS_KEY] = weakref.WeakSet()
     app.on_startup.append(start)
+    app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop)
     app.router.add_get("/api/v1/healthz", healthz)
     app.router.add_get("/native/v1/ws", native_ws)

@@ -9,6 +9,7 @@ Bad input is rejected here, before it can join a shared clock cycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
@@ -49,6 +50,13 @@ _KINDS = ("weights", "sampler_weights")
 _SAMPLE_ANSWER_WINDOW = 16384
 
 
+class _SeqProbe(msgspec.Struct):
+    """Just enough of a training request to find its place in a run's order."""
+
+    model_id: str | None = None
+    seq_id: int | None = None
+
+
 class Backend:
     """All sessions, runs and samplers of one data dir, and one scheduler per base model."""
 
@@ -70,7 +78,9 @@ class Backend:
         try:
             request = _wire.request_decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            return _wire.Failure(0, 400, f"invalid request: {e}", "user")
+            error = ServiceError(400, f"invalid request: {e}")
+            await self._fill_seq_slot(data, owner, error)
+            return _wire.Failure(0, error.status, error.message, error.category)
         try:
             result = await self.handle(request, owner)
         except ServiceError as e:
@@ -79,6 +89,24 @@ class Backend:
             logger.exception("request %s failed", type(request).__name__)
             return _wire.Failure(0, 500, f"{type(e).__name__}: {e}", "server")
         return _wire.encoder.encode(result)
+
+    async def _fill_seq_slot(self, data: bytes, owner: str, error: ServiceError) -> None:
+        """An undecodable training request still takes its seq_id, so later ones are not stuck."""
+        try:
+            probe = msgspec.msgpack.decode(data, type=_SeqProbe)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        run = self.store.get_run(probe.model_id or "")
+        if run is None or run.owner != owner or probe.seq_id is None or probe.seq_id < 1:
+            return
+        scheduler = self._schedulers.get(run.base_model)
+        if scheduler is not None and scheduler.has_run(run.run_id):
+
+            def work(engine: Any) -> Any:
+                raise error
+
+            with contextlib.suppress(ServiceError):
+                scheduler.submit(run.run_id, probe.seq_id, work)
 
     async def handle(self, request: Any, owner: str) -> Any:
         match request:
@@ -269,6 +297,18 @@ class Backend:
             )
         if request.seq_id < 1:
             raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
+        try:
+            work = await self._training_work(request, run, owner, scheduler)
+        except ServiceError as e:
+            # The rejected request still takes its place in the run's order, so the requests
+            # the client sent after it do not wait forever on a gap.
+            def work(engine: Any, error: ServiceError = e) -> Any:
+                raise error
+        self.store.touch_run(run.run_id)
+        return await scheduler.submit(run.run_id, request.seq_id, work)
+
+    async def _training_work(self, request: Any, run: RunRecord, owner: str, scheduler: ModelScheduler) -> Any:
+        """Validate an ordered request and return the work to queue for it."""
         work: FwdBwdWork | Any
         match request:
             case _wire.ForwardBackward():
@@ -291,8 +331,7 @@ class Backend:
                 work = self._save_work(run, "sampler_weights", request.name, request.ttl_seconds)
             case _wire.SaveWeightsForSampler():
                 work = self._ephemeral_sampler_work(run, request.sampling_session_id, owner)
-        self.store.touch_run(run.run_id)
-        return await scheduler.submit(run.run_id, request.seq_id, work)
+        return work
 
     def _check_data(self, request: _wire.ForwardBackward, engine: Any) -> None:
         from tinker_backend.engine.losses import validate_loss_inputs

@@ -1,0 +1,203 @@
+"""Multi-LoRA linear layers: one frozen base layer, many adapters, rows routed per adapter.
+
+Every ``nn.Linear`` of the decoder and the output embedding is wrapped in a ``LoraLinear``.
+All wrappers of one model share a ``LoraRouting``, set before each forward pass, that says
+which contiguous rows of the batch use which adapter. One forward (and backward) pass then
+serves many users: the base matmul runs once over the whole batch and each adapter adds its
+low-rank delta to its own rows only, so gradients reach only that adapter's weights.
+
+The scaling is ``LORA_ALPHA / rank`` with ``LORA_ALPHA = 32`` for every rank, as in Tinker:
+with a fixed alpha (not alpha proportional to rank) the best learning rate hardly depends on
+the rank, so users can change the rank without re-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tinker.types import LoraConfig
+
+__all__ = [
+    "LORA_ALPHA",
+    "LayerKind",
+    "LoraLinear",
+    "LoraRouting",
+    "LoraWeights",
+    "Segment",
+    "attach_lora_layers",
+    "init_lora_weights",
+    "target_paths",
+]
+
+LORA_ALPHA = 32.0
+
+LayerKind = Literal["attn", "mlp", "unembed"]
+
+_ATTN_NAMES = frozenset({"self_attn", "attn", "attention", "self_attention"})
+_MLP_NAMES = frozenset({"mlp", "feed_forward"})
+
+
+class Segment(NamedTuple):
+    """Rows ``[start, stop)`` of the batch use ``adapter`` (None: the base model only).
+
+    ``requires_grad=False`` detaches the adapter's weights for these rows, so a forward-only
+    request that shares a batch with training requests leaves no gradient (not even zeros).
+    """
+
+    adapter: str | None
+    start: int
+    stop: int
+    requires_grad: bool = True
+
+
+class LoraRouting:
+    """Which rows of the next forward pass use which adapter; shared by all ``LoraLinear``s."""
+
+    def __init__(self) -> None:
+        self.segments: tuple[Segment, ...] = ()
+        self.num_rows = 0
+
+    def set(self, segments: Iterable[Segment | tuple]) -> None:
+        """Route the next forward passes; segments must tile ``[0, num_rows)`` in order."""
+        parsed = tuple(Segment(*s) for s in segments)
+        pos = 0
+        for seg in parsed:
+            if seg.start != pos or seg.stop <= seg.start:
+                raise ValueError(
+                    f"segments: expected contiguous non-empty row ranges from 0, got {list(parsed)}"
+                )
+            pos = seg.stop
+        self.segments = parsed
+        self.num_rows = pos
+
+
+@dataclass
+class LoraWeights:
+    """One adapter in one layer: ``delta(x) = (x @ A.T @ B.T) * scaling``, A [r, in], B [out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` (frozen) plus any number of LoRA adapters, routed by batch rows.
+
+    Semantics, for ``x`` of shape [rows, ..., in] and the current routing::
+
+        y = base(x)
+        for seg in routing.segments:
+            w = adapters.get(seg.adapter)          # None, or an adapter this layer lacks: no delta
+            if w is not None:
+                for row in range(seg.start, seg.stop):
+                    y[row] += (x[row].float() @ w.A.T @ w.B.T * w.scaling).to(y.dtype)
+
+    The implementation computes one delta per segment and concatenates (out of place, so
+    autograd sees every use). Adapters in one batch may have different ranks and target sets.
+    Weights are kept in a plain dict, not as registered parameters: adapter ids are arbitrary
+    strings, and adapters must not appear in the base model's ``parameters()`` or ``state_dict()``.
+    """
+
+    def __init__(self, base: nn.Linear, routing: LoraRouting, kind: LayerKind) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.kind: LayerKind = kind
+        self.adapters: dict[str, LoraWeights] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        segments = self.routing.segments
+        if not any(seg.adapter in self.adapters for seg in segments):
+            return y
+        if x.shape[0] != self.routing.num_rows:
+            raise RuntimeError(
+                f"LoRA routing covers {self.routing.num_rows} rows but the layer got a tensor of "
+                f"shape {tuple(x.shape)}: this architecture does not keep the batch in dim 0"
+            )
+        pieces = []
+        for seg in segments:
+            part = y[seg.start : seg.stop]
+            w = self.adapters.get(seg.adapter) if seg.adapter is not None else None
+            if w is not None:
+                A, B = (w.A, w.B) if seg.requires_grad else (w.A.detach(), w.B.detach())
+                delta = F.linear(F.linear(x[seg.start : seg.stop].to(A.dtype), A), B)  # x @ A.T @ B.T
+                part = part + (delta * w.scaling).to(part.dtype)
+            pieces.append(part)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _classify(path: str, is_unembed: bool) -> LayerKind | None:
+    if is_unembed:
+        return "unembed"
+    parts = set(path.split("."))
+    if parts & _ATTN_NAMES:
+        return "attn"
+    if parts & _MLP_NAMES:
+        return "mlp"
+    return None
+
+
+def attach_lora_layers(model: nn.Module, routing: LoraRouting) -> dict[str, LoraLinear]:
+    """Wrap the attention, MLP and output-embedding linears of ``model`` in place.
+
+    Returns the wrappers by their original module path (e.g. ``model.layers.0.mlp.up_proj``,
+    ``lm_head``), which is also the path PEFT uses. Linears that are neither attention, MLP
+    nor the output embedding are left alone. Tied embeddings keep working: the wrapped lm_head
+    still uses the shared weight and the LoRA delta is added to its output.
+    """
+    unembed = model.get_output_embeddings()  # type: ignore[operator]
+    found: list[tuple[str, nn.Linear, LayerKind]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kind = _classify(path, module is unembed)
+            if kind is not None:
+                found.append((path, module, kind))
+    layers: dict[str, LoraLinear] = {}
+    for path, module, kind in found:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        wrapper = LoraLinear(module, routing, kind)
+        setattr(parent, leaf, wrapper)
+        layers[path] = wrapper
+    return layers
+
+
+def target_paths(layers: dict[str, LoraLinear], config: LoraConfig) -> list[str]:
+    """The sorted module paths that an adapter with ``config`` trains."""
+    wanted = {"attn": config.train_attn, "mlp": config.train_mlp, "unembed": config.train_unembed}
+    return sorted(path for path, layer in layers.items() if wanted[layer.kind])
+
+
+def init_lora_weights(
+    layers: dict[str, LoraLinear], config: LoraConfig, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fresh (A, B) per target path, deterministic in ``seed``, as fp32 CPU tensors.
+
+    A is kaiming-uniform with ``a=sqrt(5)`` (as peft and ``nn.Linear`` do) and B is zero, so a
+    new adapter leaves the model unchanged. Modules are visited in sorted path order with one
+    CPU generator, so the result does not depend on the device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for path in target_paths(layers, config):
+        layer = layers[path]
+        A = torch.empty(config.rank, layer.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        weights[path] = (A, torch.zeros(layer.out_features, config.rank))
+    return weights

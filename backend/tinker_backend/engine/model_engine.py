@@ -1,0 +1,372 @@
+"""``ModelEngine``: one base model loaded once, serving many LoRA adapters for training and sampling.
+
+Synchronous torch code. Each engine is driven by ONE compute thread (the scheduler's), so it
+holds no locks; the LoRA routing it sets before a forward pass is shared by all its layers.
+
+Training adapters and sampler snapshots live in the same LoRA layers under distinct routing
+keys (``train:<id>`` and ``sample:<id>``), so a sampler keeps its frozen weights while the
+adapter it was taken from goes on training.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import cast
+
+import msgspec
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tinker.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraConfig,
+    SampleResponse,
+    SamplingParams,
+)
+
+from .. import checkpoints
+from ..checkpoints import AdapterCheckpoint
+from .lora import (
+    LORA_ALPHA,
+    LoraLinear,
+    LoraRouting,
+    LoraWeights,
+    Segment,
+    attach_lora_layers,
+    init_lora_weights,
+)
+from .lora import target_paths as lora_target_paths
+from .sampler import StopCriteria, prompt_logprobs
+from .sampler import sample as sample_tokens
+from .trainer import FwdBwdItem, PreparedItem, TrainableAdapter, forward_backward_batch, prepare_item
+
+__all__ = ["FwdBwdItem", "ModelEngine"]
+
+
+def _train_key(adapter_id: str) -> str:
+    return f"train:{adapter_id}"
+
+
+def _sample_key(sampler_id: str) -> str:
+    return f"sample:{sampler_id}"
+
+
+class ModelEngine:
+    """One base model (fp32 on CPU, bf16 on CUDA by default) with LoRA adapters and samplers.
+
+    Example::
+
+        engine = ModelEngine("tiny-llama", resolve_model("tiny-llama"))
+        engine.create_adapter("run1", LoraConfig(rank=8, seed=0))
+        engine.forward_backward("run1", data, "cross_entropy", None, backward=True)
+        engine.optim_step("run1", AdamParams(learning_rate=1e-4))
+        engine.snapshot_sampler("run1", "run1-sampler-0")
+        engine.sample("run1-sampler-0", prompt_tokens, 4, SamplingParams(max_tokens=32))
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        model_path: Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers' typing of .to
+        self.model.eval()  # always: no dropout, so training and sampling see the same function
+        self.model.requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.vocab_size: int = cast(nn.Embedding, self.model.get_input_embeddings()).num_embeddings
+        self.max_context_length: int = int(self.model.config.max_position_embeddings)
+        self.eos_token_ids: set[int] = self._eos_token_ids()
+        self.routing = LoraRouting()
+        self.layers: dict[str, LoraLinear] = attach_lora_layers(self.model, self.routing)
+        self._adapters: dict[str, TrainableAdapter] = {}
+        self._samplers: set[str] = set()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(generation_eos, int):
+            ids.add(generation_eos)
+        elif generation_eos:
+            ids.update(generation_eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self._adapters
+
+    def create_adapter(self, adapter_id: str, config: LoraConfig) -> LoraConfig:
+        """Create a fresh adapter (B = 0, so it starts as the base model); returns the config
+        with its seed filled in (a random one when ``config.seed`` is None)."""
+        if adapter_id in self._adapters:
+            raise ValueError(f"adapter_id: {adapter_id!r} already exists")
+        seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+        config = msgspec.structs.replace(config, seed=seed)
+        weights = init_lora_weights(self.layers, config, seed)
+        adapter = TrainableAdapter(
+            _train_key(adapter_id), config, weights, LORA_ALPHA / config.rank, self.device
+        )
+        self._install(adapter_id, adapter)
+        return config
+
+    def _install(self, adapter_id: str, adapter: TrainableAdapter) -> None:
+        """Put ``adapter`` in the layers under ``adapter_id``, replacing any previous one."""
+        if adapter_id in self._adapters:
+            self.remove_adapter(adapter_id)
+        adapter.attach(self.layers)
+        self._adapters[adapter_id] = adapter
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Drop an adapter with its optimizer state; its sampler snapshots stay."""
+        self._adapter(adapter_id).detach(self.layers)
+        del self._adapters[adapter_id]
+
+    def _adapter(self, adapter_id: str) -> TrainableAdapter:
+        try:
+            return self._adapters[adapter_id]
+        except KeyError:
+            raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}") from None
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        adapter_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float] | None,
+        backward: bool,
+    ) -> ForwardBackwardOutput:
+        """Loss and target logprobs of ``data``; with ``backward``, add the gradients to the
+        adapter's accumulated ones (they are applied and cleared by ``optim_step``)."""
+        [result] = self.forward_backward_many(
+            [FwdBwdItem(adapter_id, data, loss_fn, loss_fn_config, backward)]
+        )
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def forward_backward_many(self, items: list[FwdBwdItem]) -> list[ForwardBackwardOutput | Exception]:
+        """Run the requests of several adapters in ONE batched forward (and backward) pass.
+
+        The result of each item equals running it alone; an invalid item gets its exception
+        in its place and does not affect the others.
+        """
+        results: list[ForwardBackwardOutput | Exception | None] = [None] * len(items)
+        prepared: list[PreparedItem] = []
+        positions: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                adapter = self._adapter(item.adapter_id)
+                prepared.append(
+                    prepare_item(item, adapter.key, self.vocab_size, self.max_context_length, self.device)
+                )
+                positions.append(i)
+            except Exception as e:
+                results[i] = e
+        if prepared:
+            by_key = {a.key: a for a in self._adapters.values()}
+            try:
+                outputs = forward_backward_batch(self.model, self.routing, prepared, by_key)
+            except Exception as e:  # the shared pass failed (e.g. out of memory): all of it failed
+                outputs = [e] * len(prepared)
+            for i, output in zip(positions, outputs, strict=True):
+                results[i] = output
+        return results
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
+        """Apply AdamW with ``params`` to the accumulated gradients, then clear them."""
+        return self._adapter(adapter_id).optim_step(params)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint(self, adapter: TrainableAdapter) -> AdapterCheckpoint:
+        targets = list(adapter.weights)
+        return AdapterCheckpoint(
+            base_model=self.model_name,
+            weights={path: (A.detach(), B.detach()) for path, (A, B) in adapter.weights.items()},
+            scaling=adapter.scaling,
+            lora_alpha=LORA_ALPHA,
+            target_modules=checkpoints.peft_target_modules(targets, sorted(self.layers)),
+        )
+
+    def save_state(self, adapter_id: str, directory: Path, include_optimizer: bool = True) -> None:
+        """Save weights, config and step (and the AdamW state) for resuming training."""
+        adapter = self._adapter(adapter_id)
+        checkpoint = self._checkpoint(adapter)
+        checkpoint.lora_config = adapter.config
+        checkpoint.step = adapter.step
+        if include_optimizer:
+            checkpoint.optimizer_state = adapter.optimizer.state_dict()
+        checkpoints.write_checkpoint(directory, checkpoint)
+
+    def save_sampler_weights(self, adapter_id: str, directory: Path) -> None:
+        """Save the adapter's weights in PEFT format only (for sampling, vLLM or peft)."""
+        checkpoints.write_checkpoint(directory, self._checkpoint(self._adapter(adapter_id)))
+
+    def load_state(self, adapter_id: str, directory: Path, include_optimizer: bool) -> LoraConfig:
+        """Load a checkpoint into ``adapter_id``, creating or replacing it; returns its config.
+
+        Accumulated gradients are dropped. Without ``include_optimizer`` (or if the files hold
+        no optimizer state) the AdamW state starts fresh.
+        """
+        checkpoint = checkpoints.read_checkpoint(directory, with_optimizer=include_optimizer)
+        config = checkpoint.lora_config or self._config_from_targets(checkpoint)
+        weights = self._checked_weights(directory, checkpoint)
+        expected = set(lora_target_paths(self.layers, config))
+        if set(weights) != expected:
+            raise ValueError(
+                f"{directory}: the adapter's modules {sorted(weights)} do not match its config "
+                f"(expected {sorted(expected)})"
+            )
+        # Training always uses alpha = LORA_ALPHA; fold any other scaling into B.
+        scaling = LORA_ALPHA / config.rank
+        factor = checkpoint.scaling / scaling
+        weights = {path: (A, B * factor) for path, (A, B) in weights.items()}
+        adapter = TrainableAdapter(_train_key(adapter_id), config, weights, scaling, self.device)
+        adapter.step = checkpoint.step
+        if checkpoint.optimizer_state is not None:
+            adapter.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self._install(adapter_id, adapter)  # only now, so a failed load leaves the old adapter
+        return config
+
+    def _config_from_targets(self, checkpoint: AdapterCheckpoint) -> LoraConfig:
+        kinds = {self.layers[path].kind for path in checkpoint.weights if path in self.layers}
+        return LoraConfig(
+            rank=checkpoint.rank,
+            seed=None,
+            train_attn="attn" in kinds,
+            train_mlp="mlp" in kinds,
+            train_unembed="unembed" in kinds,
+        )
+
+    def _checked_weights(
+        self, directory: Path, checkpoint: AdapterCheckpoint
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        problems = []
+        for path, (A, B) in checkpoint.weights.items():
+            layer = self.layers.get(path)
+            if layer is None:
+                problems.append(f"{path}: no such LoRA-capable module in {self.model_name}")
+            elif A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+                problems.append(
+                    f"{path}: shapes A {list(A.shape)} B {list(B.shape)} do not fit "
+                    f"[{layer.out_features}, {layer.in_features}]"
+                )
+        if problems:
+            raise ValueError(f"{directory}: adapter does not fit {self.model_name}: " + "; ".join(problems))
+        return checkpoint.weights
+
+    # -- samplers ---------------------------------------------------------------------------
+
+    def snapshot_sampler(self, adapter_id: str, sampler_id: str) -> None:
+        """Register a frozen copy of the adapter's current weights for sampling as ``sampler_id``."""
+        adapter = self._adapter(adapter_id)
+        weights = {path: (A.detach().clone(), B.detach().clone()) for path, (A, B) in adapter.weights.items()}
+        self._register_sampler(sampler_id, weights, adapter.scaling)
+
+    def load_sampler(self, sampler_id: str, directory: Path) -> None:
+        """Register a sampler from a PEFT adapter directory."""
+        checkpoint = checkpoints.read_checkpoint(directory)
+        weights = self._checked_weights(directory, checkpoint)
+        moved = {path: (A.to(self.device), B.to(self.device)) for path, (A, B) in weights.items()}
+        self._register_sampler(sampler_id, moved, checkpoint.scaling)
+
+    def _register_sampler(
+        self, sampler_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
+    ) -> None:
+        if sampler_id in self._samplers:
+            raise ValueError(f"sampler_id: {sampler_id!r} already exists")
+        key = _sample_key(sampler_id)
+        for path, (A, B) in weights.items():
+            self.layers[path].adapters[key] = LoraWeights(A, B, scaling)
+        self._samplers.add(sampler_id)
+
+    def remove_sampler(self, sampler_id: str) -> None:
+        if sampler_id not in self._samplers:
+            raise KeyError(f"sampler_id: no sampler {sampler_id!r} on {self.model_name}")
+        key = _sample_key(sampler_id)
+        for layer in self.layers.values():
+            layer.adapters.pop(key, None)
+        self._samplers.discard(sampler_id)
+
+    def has_sampler(self, sampler_id: str) -> bool:
+        return sampler_id in self._samplers
+
+    def _sampler_key(self, sampler_id: str | None) -> str | None:
+        if sampler_id is None:
+            return None
+        if sampler_id not in self._samplers:
+            raise KeyError(f"sampler_id: no sampler {sampler_id!r} on {self.model_name}")
+        return _sample_key(sampler_id)
+
+    def _check_prompt(self, field: str, tokens: list[int], room: int) -> None:
+        if not tokens:
+            raise ValueError(f"{field}: expected at least one token, got []")
+        if len(tokens) + room > self.max_context_length:
+            raise ValueError(
+                f"{field}: {len(tokens)} tokens (+ {room} to generate) exceed max_context_length "
+                f"{self.max_context_length}"
+            )
+        bad = next((i for i, t in enumerate(tokens) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"{field}[{bad}]: expected a token id in [0, {self.vocab_size}), got {tokens[bad]}"
+            )
+
+    def sample(
+        self,
+        sampler_id: str | None,
+        prompt: list[int],
+        num_samples: int,
+        params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        """Sample ``num_samples`` continuations of ``prompt`` (``sampler_id`` None: the base model)."""
+        key = self._sampler_key(sampler_id)
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples}")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_context_length - len(prompt)
+        self._check_prompt("prompt", prompt, max(max_tokens, 1))
+        stop = StopCriteria.from_params(params, self.eos_token_ids, self._decode)
+        return sample_tokens(
+            self.model,
+            self.routing,
+            key,
+            prompt,
+            num_samples,
+            params,
+            max_tokens,
+            stop,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+        )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=False))
+
+    @torch.no_grad()
+    def compute_logprobs(self, sampler_id: str | None, tokens: list[int]) -> list[float | None]:
+        """Log-probability of each token given the ones before it (None for the first)."""
+        key = self._sampler_key(sampler_id)
+        self._check_prompt("tokens", tokens, 0)
+        self.routing.set([Segment(key, 0, 1, False)])
+        logits = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=False).logits
+        values, _ = prompt_logprobs(logits[0], tokens)
+        return values

@@ -1,0 +1,240 @@
+"""Training on the shared base model: per-adapter AdamW state and merged forward/backward passes.
+
+``forward_backward_batch`` runs the requests of many adapters as ONE padded batch. Each request
+(an ``FwdBwdItem``) owns a contiguous block of rows routed to its adapter, so the gradient of
+each request's loss reaches only its own adapter, and the result equals running it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from tinker.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, TensorData
+
+from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
+from .losses import datum_loss, resolve_config, validate_loss_inputs
+
+__all__ = ["FwdBwdItem", "PreparedItem", "TrainableAdapter", "forward_backward_batch", "prepare_item"]
+
+
+class FwdBwdItem(NamedTuple):
+    """One forward(_backward) request of one adapter; ``backward=False`` is a pure forward."""
+
+    adapter_id: str
+    data: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float] | None = None
+    backward: bool = True
+
+
+class TrainableAdapter:
+    """A LoRA run's trainable state: fp32 weights per module path, its AdamW and step count."""
+
+    def __init__(
+        self,
+        key: str,
+        config: LoraConfig,
+        weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        scaling: float,
+        device: torch.device,
+    ) -> None:
+        self.key = key
+        self.config = config
+        self.scaling = scaling
+        self.weights = {
+            path: (
+                nn.Parameter(A.to(device, torch.float32, copy=True)),
+                nn.Parameter(B.to(device, torch.float32, copy=True)),
+            )
+            for path, (A, B) in sorted(weights.items())
+        }
+        self.step = 0
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        # The hyper-parameters are set again by every optim_step; foreach=False keeps memory flat.
+        return torch.optim.AdamW(self.parameters(), lr=0.0, foreach=False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """A then B of each module, in sorted path order (the order of the optimizer state)."""
+        return [p for pair in self.weights.values() for p in pair]
+
+    def attach(self, layers: Mapping[str, LoraLinear]) -> None:
+        for path, (A, B) in self.weights.items():
+            layers[path].adapters[self.key] = LoraWeights(A, B, self.scaling)
+
+    def detach(self, layers: Mapping[str, LoraLinear]) -> None:
+        for path in self.weights:
+            layers[path].adapters.pop(self.key, None)
+
+    def reset_optimizer(self) -> None:
+        self.optimizer = self._new_optimizer()
+
+    def optim_step(self, adam: AdamParams) -> dict[str, float]:
+        """One AdamW step on the accumulated gradients (clipped if asked), then zero them."""
+        params = self.parameters()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if adam.grad_clip_norm > 0 and grads:
+            nn.utils.clip_grad_norm_(params, adam.grad_clip_norm, foreach=False)
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"grad_norm:max": grad_norm, "learning_rate:max": adam.learning_rate}
+
+
+@dataclass
+class PreparedItem:
+    """A validated request: token rows, targets and loss inputs as tensors on the device."""
+
+    key: str
+    tokens: list[list[int]]
+    targets: list[torch.Tensor]
+    inputs: list[dict[str, torch.Tensor]]
+    loss_fn: str
+    config: Mapping[str, float]
+    backward: bool
+
+
+def prepare_item(
+    item: FwdBwdItem, key: str, vocab_size: int, max_length: int, device: torch.device
+) -> PreparedItem:
+    """Check one request against the model and move its tensors to ``device``.
+
+    Raises ValueError naming the offending field, so that a bad request fails alone.
+    """
+    if not item.data:
+        raise ValueError("data: expected at least one Datum, got []")
+    config = resolve_config(item.loss_fn, item.loss_fn_config)
+    tokens, targets, inputs = [], [], []
+    for i, datum in enumerate(item.data):
+        ids = datum.model_input.to_ints()
+        n = len(ids)
+        if not 0 < n <= max_length:
+            raise ValueError(
+                f"data[{i}].model_input: expected 1 to {max_length} tokens (max_context_length), got {n}"
+            )
+        _check_ids(f"data[{i}].model_input", ids, vocab_size)
+        tensors = {key: td.to_torch().to(device) for key, td in datum.loss_fn_inputs.items()}
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+        validate_loss_inputs(item.loss_fn, item.loss_fn_config, shapes, n, i)
+        target = tensors["target_tokens"]
+        if target.dtype != torch.int64:
+            raise ValueError(
+                f"data[{i}].loss_fn_inputs['target_tokens']: expected int64 token ids, got {target.dtype}"
+            )
+        _check_ids(f"data[{i}].loss_fn_inputs['target_tokens']", target.reshape(-1).tolist(), vocab_size)
+        tokens.append(ids)
+        targets.append(target)
+        inputs.append(tensors)
+    return PreparedItem(key, tokens, targets, inputs, item.loss_fn, config, item.backward)
+
+
+def _check_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{field}[{bad}]: expected a token id in [0, {vocab_size}), got {ids[bad]}")
+
+
+def forward_backward_batch(
+    model: nn.Module,
+    routing: LoraRouting,
+    items: Sequence[PreparedItem],
+    adapters: Mapping[str, TrainableAdapter],
+) -> list[ForwardBackwardOutput | Exception]:
+    """One padded forward pass over all ``items`` (and one backward over those with ``backward``).
+
+    ``adapters`` maps routing keys to adapters. Gradients accumulate into each adapter's
+    ``.grad``. A loss that fails marks only its own item; an adapter whose every backward item
+    failed keeps the gradients it had.
+    """
+    # Sorted by adapter, then training items first, so that each adapter gets few segments.
+    order = sorted(range(len(items)), key=lambda i: (items[i].key, not items[i].backward))
+    rows: list[list[int]] = []
+    segments: list[Segment] = []
+    first_row: dict[int, int] = {}
+    for i in order:
+        item = items[i]
+        first_row[i] = len(rows)
+        rows.extend(item.tokens)
+        last = segments[-1] if segments else None
+        if last and (last.adapter, last.requires_grad) == (item.key, item.backward):
+            segments[-1] = last._replace(stop=len(rows))  # one matmul for the adapter's rows
+        else:
+            segments.append(Segment(item.key, first_row[i], len(rows), item.backward))
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, ids in enumerate(rows):  # right padding: real positions never attend to the padding
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+
+    trained = {items[i].key for i in order if items[i].backward}
+    untouched_grads = {key: [p for p in adapters[key].parameters() if p.grad is None] for key in trained}
+    routing.set(segments)
+    padded = any(len(r) < width for r in rows)
+    with torch.set_grad_enabled(bool(trained)):
+        logits = model(
+            input_ids=input_ids.to(device),
+            # Without padding, no mask lets attention take its faster plain-causal path.
+            attention_mask=attention_mask.to(device) if padded else None,
+            use_cache=False,
+        ).logits
+        logsumexp = logits.float().logsumexp(-1)  # one kernel for all rows, padding included
+        results: list[Any] = [None] * len(items)
+        total = None
+        succeeded = set()
+        for i in order:
+            item = items[i]
+            try:
+                rows_of_item = slice(first_row[i], first_row[i] + len(item.tokens))
+                loss, logprobs = _item_loss(item, logits[rows_of_item], logsumexp[rows_of_item])
+            except Exception as e:
+                results[i] = e
+                continue
+            results[i] = ForwardBackwardOutput(
+                loss_fn_output_type="ArrayRecord",
+                loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
+                metrics={"loss:sum": float(loss.detach())},
+            )
+            if item.backward:
+                total = loss if total is None else total + loss
+                succeeded.add(item.key)
+    if total is not None:
+        total.backward()
+    for key in trained - succeeded:  # backward through the shared graph left zeros there
+        for p in untouched_grads[key]:
+            p.grad = None
+    return results
+
+
+def _item_loss(
+    item: PreparedItem, logits: torch.Tensor, logsumexp: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The summed loss of one item and the target log-probabilities of each datum.
+
+    ``logits`` [rows, T, V] and ``logsumexp`` [rows, T] are the item's rows of the batch.
+    """
+    loss = logits.new_zeros((), dtype=torch.float32)
+    logprobs = []
+    for row, (target, inputs) in enumerate(zip(item.targets, item.inputs, strict=True)):
+        n = target.shape[0]
+        index = target.reshape(n, -1)
+        picked = logits[row, :n].gather(-1, index).float() - logsumexp[row, :n, None]
+        target_lp = picked.reshape(target.shape)
+        loss = loss + datum_loss(item.loss_fn, target_lp, inputs, item.config)
+        logprobs.append(target_lp.detach())
+    return loss, logprobs
