@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tinker_backend.engine.model_engine import ModelEngine
-from tinker_backend.models import resolve_model
 
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
+from tinker_backend.engine.model_engine import ModelEngine
+from tinker_backend.models import resolve_model
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 PROMPT = [5, 17, 300, 42, 9]

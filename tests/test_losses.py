@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+
 from tinker_backend.engine.losses import (
     LOSS_FNS,
     LossInputError,

@@ -14,9 +14,10 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tinker_backend import models
 from tinker_backend.models import SMOLLM2, TINY_MODEL, UnknownModelError
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TEXTS = [
     "The capital of France is Paris.",

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 import msgspec
@@ -47,7 +47,7 @@ def raise_failure(failure: _wire.Failure) -> None:
 class EmbeddedTransport:
     """Runs the backend in this process (on the client's background loop; compute on its own threads)."""
 
-    _shared: dict[str, EmbeddedTransport] = {}
+    _shared: ClassVar[dict[str, EmbeddedTransport]] = {}
     _shared_lock = threading.Lock()
 
     def __init__(self, data_dir: Path) -> None:

@@ -20,6 +20,8 @@ Async code (the caller's loop is never blocked while waiting)::
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import concurrent.futures
 import threading
 import warnings
@@ -42,6 +44,22 @@ class BackgroundLoop:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tinker-loop", daemon=True)
         self._thread.start()
+        atexit.register(self._shutdown)
+
+    def _shutdown(self) -> None:
+        """At interpreter exit: cancel what is still running and stop the loop quietly."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
 
     @classmethod
     def get(cls) -> BackgroundLoop:

@@ -34,6 +34,7 @@ __all__ = [
     "ForwardBackwardOutput",
     "GetInfoResponse",
     "GetServerCapabilitiesResponse",
+    "LoadWeightsResponse",
     "LoraConfig",
     "LossFnType",
     "ModelData",
@@ -45,7 +46,6 @@ __all__ = [
     "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
-    "LoadWeightsResponse",
     "StopReason",
     "SupportedModel",
     "TensorData",
@@ -234,7 +234,7 @@ def _coerce_tensor(key: str, value: object) -> TensorData:
                 f"{sorted(_INT_KEYS | _FLOAT_KEYS)}; pass numpy, torch or TensorData for custom keys"
             )
         try:
-            array = np.asarray(value, dtype=dtype)
+            array: np.ndarray = np.asarray(value, dtype=dtype)
         except (ValueError, TypeError, OverflowError) as e:
             raise _fail(f"loss_fn_inputs[{key!r}]", f"a rectangular list of {dtype.__name__}", value) from e
         return TensorData.from_numpy(array)

@@ -18,6 +18,7 @@ import msgspec
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from tinker.types import (
     AdamParams,
@@ -79,6 +80,7 @@ class ModelEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        transformers_logging.disable_progress_bar()  # a server logs lines, not progress bars
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers' typing of .to
         self.model.eval()  # always: no dropout, so training and sampling see the same function
