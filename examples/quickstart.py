@@ -23,7 +23,7 @@ def chat_datum(tokenizer) -> tuple[Datum, list[int]]:
     messages = [{"role": "user", "content": QUESTION}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_tokens = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_tokens = tokenizer.encode(ANSWER, add_special_tokens=False) + [tokenizer.eos_token_id]
+    answer_tokens = [*tokenizer.encode(ANSWER, add_special_tokens=False), tokenizer.eos_token_id]
     tokens = prompt_tokens + answer_tokens
     weights = [0.0] * (len(prompt_tokens) - 1) + [1.0] * len(answer_tokens)
     datum = Datum(

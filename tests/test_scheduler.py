@@ -110,3 +110,16 @@ async def test_engine_load_failure_is_a_clear_error():
     with pytest.raises(ServiceError, match="cannot load 'broken'"):
         await scheduler.submit("r", 1, fb_work())
     scheduler.close()
+
+
+async def test_cycle_limits_runs_and_tokens_and_nothing_starves():
+    engine = RecordingEngine()
+    scheduler = ModelScheduler("fake", lambda: engine, max_runs_per_cycle=2, max_tokens_per_cycle=2)
+    for run in ("a", "b", "c"):
+        scheduler.add_run(run)
+    futures = [scheduler.submit(run, seq, fb_work()) for run in ("a", "b", "c") for seq in (1, 2)]
+    await asyncio.gather(*futures)
+    passes = [call for call in engine.calls if call[0] == "fb"]
+    assert all(len(p) - 1 <= 2 for p in passes)  # never more than 2 runs or 2 tokens in a cycle
+    assert sorted(run for p in passes for run in p[1:]) == ["a", "a", "b", "b", "c", "c"]
+    scheduler.close()

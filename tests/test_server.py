@@ -7,11 +7,10 @@ import urllib.request
 import aiohttp
 import msgspec
 import pytest
+from conftest import ServerProcess
 
 import tinker
 from tinker import _wire
-
-from conftest import ServerProcess
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -1,4 +1,8 @@
-"""HTTP routes: health, and the native protocol over one WebSocket per client. No torch here."""
+"""HTTP routes: health, and the native protocol over one WebSocket per client. No torch here.
+
+Every route but health is authenticated (``auth.auth_middleware``); the owner of the key is
+what the backend scopes every request to.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,17 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import _wire
+from tinker_backend import auth
+from tinker_backend.compat import add_routes as add_tinker_http_routes
+from tinker_backend.limits import Limits
 from tinker_backend.service import Backend
+from tinker_backend.tenancy import KeyLimits
 
 logger = logging.getLogger("tinker_backend.api")
 
 BACKEND_KEY = web.AppKey("backend", Backend)
 SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
+MAX_REQUEST_BYTES_KEY = web.AppKey("max_request_bytes", int)
 # Largest native frame accepted (a forward_backward of many long sequences fits easily).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 
@@ -32,18 +41,16 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
     for de-duplication, so a reconnecting client that re-sends it gets the same answer).
     """
     backend = request.app[BACKEND_KEY]
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, heartbeat=30)
+    owner = auth.authenticate(request)  # the handshake itself is refused with 401 without a key
+    ws = web.WebSocketResponse(max_msg_size=request.app[MAX_REQUEST_BYTES_KEY], heartbeat=30)
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
-    owner = "local"
     tasks: set[asyncio.Task[None]] = set()
 
     async def answer(call_id: int, data: bytes) -> None:
         outcome = await backend.handle_encoded(data, owner)
         if isinstance(outcome, _wire.Failure):
-            frame = _wire.encoder.encode(
-                _wire.Failure(call_id, outcome.status, outcome.message, outcome.category)
-            )
+            frame = _wire.encoder.encode(msgspec.structs.replace(outcome, call_id=call_id))
         else:
             frame = _wire.encoder.encode(_wire.Result(call_id, msgspec.Raw(outcome)))
         if not ws.closed:
@@ -53,6 +60,9 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
                 logger.info("client went away before call %d was answered", call_id)
 
     async for message in ws:
+        if message.type == WSMsgType.ERROR:  # e.g. a frame over the size limit: aiohttp closes with 1009
+            logger.warning("closing a native connection of %s: %s", owner, message.data)
+            continue
         if message.type != WSMsgType.BINARY:
             continue
         try:
@@ -60,19 +70,44 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             await ws.send_bytes(_wire.encoder.encode(_wire.Failure(0, 400, f"invalid frame: {e}", "user")))
             continue
+        if not auth.still_valid(request):  # revoked while connected
+            failure = _wire.Failure(submit.call_id, 401, "X-API-Key: the key of this connection was revoked", "user")
+            await ws.send_bytes(_wire.encoder.encode(failure))
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"API key revoked")
+            break
         task = asyncio.create_task(answer(submit.call_id, bytes(submit.request)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     return ws
 
 
-def make_app(data_dir: Path, *, max_lora_rank: int = 256) -> web.Application:
-    app = web.Application(client_max_size=MAX_FRAME_BYTES)
+def make_app(
+    data_dir: Path,
+    *,
+    limits: Limits | None = None,
+    api_keys: tuple[str, ...] = (),
+    keys_file: Path | None = None,
+    key_limits: KeyLimits | None = None,
+    session_timeout_s: float | None = None,
+    allow_local_models: bool = True,
+    max_request_bytes: int = MAX_FRAME_BYTES,
+) -> web.Application:
+    """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
+    per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
+    and per HTTP body."""
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[auth.auth_middleware])
     backend_holder: dict[str, Backend] = {}
 
     async def start(app: web.Application) -> None:
-        backend_holder["backend"] = Backend(data_dir, max_lora_rank=max_lora_rank)
+        backend_holder["backend"] = Backend(
+            data_dir,
+            limits=limits,
+            key_limits=key_limits,
+            session_timeout_s=session_timeout_s,
+            allow_local_models=allow_local_models,
+        )
         app[BACKEND_KEY] = backend_holder["backend"]
+        app[auth.KEYRING_KEY] = auth.KeyRing(backend_holder["backend"].store, api_keys, keys_file)
 
     async def close_sockets(app: web.Application) -> None:
         # Open WebSockets would otherwise hold a graceful shutdown until its timeout.
@@ -83,9 +118,11 @@ def make_app(data_dir: Path, *, max_lora_rank: int = 256) -> web.Application:
         backend_holder["backend"].close()
 
     app[SOCKETS_KEY] = weakref.WeakSet()
+    app[MAX_REQUEST_BYTES_KEY] = max_request_bytes
     app.on_startup.append(start)
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop)
     app.router.add_get("/api/v1/healthz", healthz)
     app.router.add_get("/native/v1/ws", native_ws)
+    add_tinker_http_routes(app, BACKEND_KEY)
     return app

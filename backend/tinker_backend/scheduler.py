@@ -56,8 +56,18 @@ class _RunQueue:
 class ModelScheduler:
     """Owns one base model's engine, its compute thread and its runs' queues."""
 
-    def __init__(self, base_model: str, load_engine: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        base_model: str,
+        load_engine: Callable[[], Any],
+        *,
+        max_runs_per_cycle: int = 64,
+        max_tokens_per_cycle: int = 16384,
+    ) -> None:
         self.base_model = base_model
+        self.max_runs_per_cycle = max_runs_per_cycle
+        self.max_tokens_per_cycle = max_tokens_per_cycle
+        self._rotation = itertools.count()
         self._load_engine = load_engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{base_model[-24:]}")
         self._engine: asyncio.Future[Any] | None = None
@@ -83,6 +93,9 @@ class ModelScheduler:
 
     def add_run(self, run_id: str) -> None:
         self._runs.setdefault(run_id, _RunQueue())
+
+    def run_count(self) -> int:
+        return len(self._runs)
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -111,22 +124,40 @@ class ModelScheduler:
             self._wakeup.clear()
             while cycle := self._collect():
                 await self._execute(cycle)
+                await asyncio.sleep(0)  # let newly arrived requests join the next cycle
 
     def _collect(self) -> dict[str, tuple[list[_Pending], _Pending | None]]:
-        """For each run: the ready forward/backward work at its head and the barrier after it."""
+        """For each run: the ready forward/backward work at its head and the barrier after it.
+
+        A cycle takes at most ``max_runs_per_cycle`` runs (the engine's adapter slots) and about
+        ``max_tokens_per_cycle`` tokens; what does not fit waits for the next cycle. Runs are
+        visited round-robin from a rotating start, so none starves.
+        """
         cycle: dict[str, tuple[list[_Pending], _Pending | None]] = {}
-        for run_id, queue in self._runs.items():
+        tokens = 0
+        run_ids = list(self._runs)
+        start = next(self._rotation) % len(run_ids) if run_ids else 0
+        for run_id in run_ids[start:] + run_ids[:start]:
+            if len(cycle) >= self.max_runs_per_cycle:
+                break
+            queue = self._runs[run_id]
             fwd: list[_Pending] = []
             barrier: _Pending | None = None
             seq = queue.next_seq
             while seq in queue.pending:
-                item = queue.pending.pop(seq)
-                self._remember(queue, seq, item.future)
-                seq += 1
+                item = queue.pending[seq]
                 if isinstance(item.work, FwdBwdWork):
+                    size = sum(d.model_input.length for d in item.work.data)
+                    if tokens and tokens + size > self.max_tokens_per_cycle:
+                        break  # the cycle is full; this run continues next cycle
+                    tokens += size
                     fwd.append(item)
                 else:
                     barrier = item
+                del queue.pending[seq]
+                self._remember(queue, seq, item.future)
+                seq += 1
+                if barrier is not None:
                     break
             queue.next_seq = seq
             if fwd or barrier:

@@ -4,17 +4,26 @@
 server's WebSocket route, so the two answer identically. Everything here runs on one event
 loop; compute goes to each base model's compute thread through its ``ModelScheduler``.
 Bad input is rejected here, before it can join a shared clock cycle.
+
+Ownership, limits and restarts (see ``docs/operations.md``): every lookup is scoped to the
+caller's owner (anyone else's ids answer 404); ``handle`` admits each request through the
+per-owner ``Ledger`` (429 over a limit); a run or sampler that is not loaded (after a restart,
+or after its session expired) is loaded again on first use, from the run's last
+``save_state``, when that reproduces its state exactly, and refused with a clear 410 when
+answered work would be lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import re
 import shutil
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +48,25 @@ from tinker.types import (
 )
 from tinker_backend import models
 from tinker_backend.errors import ServiceError
+from tinker_backend.limits import Limits
 from tinker_backend.scheduler import FwdBwdWork, ModelScheduler
-from tinker_backend.store import CheckpointRecord, RunRecord, SamplerRecord, Store, now_iso
+from tinker_backend.store import CheckpointRecord, RunRecord, SamplerRecord, Store, iso_in, now_iso
+from tinker_backend.tenancy import KeyLimits, Ledger, RateLimited
 
 logger = logging.getLogger("tinker_backend")
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _KINDS = ("weights", "sampler_weights")
+# Checkpoint TTLs accepted by SetCheckpointTtl, as in Tinker: 1 hour to 10 years. Recorded and
+# listed; nothing deletes expired checkpoints yet.
+_MIN_TTL_S, _MAX_TTL_S = 3600, 10 * 365 * 24 * 3600
 # Sample answers kept per backend for de-duplicating re-sent sample requests.
 _SAMPLE_ANSWER_WINDOW = 16384
+# How often expired checkpoints and sessions are swept (at most; shorter session timeouts sweep
+# more often). A checkpoint is invisible from its expiry on; the sweep only reclaims the disk.
+_SWEEP_INTERVAL_S = 30.0
+# Finished HTTP-protocol futures are remembered this long (to answer "lost" or "done" precisely).
+_FUTURE_RECORD_S = 24 * 3600
 
 
 class _SeqProbe(msgspec.Struct):
@@ -60,16 +79,33 @@ class _SeqProbe(msgspec.Struct):
 class Backend:
     """All sessions, runs and samplers of one data dir, and one scheduler per base model."""
 
-    def __init__(self, data_dir: Path, *, max_lora_rank: int = 256) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        limits: Limits | None = None,
+        key_limits: KeyLimits | None = None,
+        session_timeout_s: float | None = None,
+        allow_local_models: bool = True,
+    ) -> None:
+        """``key_limits`` (per API key) and ``session_timeout_s`` default to none, as the embedded
+        backend wants; ``allow_local_models=False`` refuses base models named by a local folder."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "tinker.sqlite3")
-        self.max_lora_rank = max_lora_rank
+        self.limits = limits or Limits()
+        self.allow_local_models = allow_local_models
+        self.ledger = Ledger(key_limits or KeyLimits(), session_timeout_s)
+        self._loaded_runs: dict[str, RunRecord] = {}  # run id -> record, for runs in an engine
+        self._restored_floor: dict[str, int] = {}  # run id -> its seq_ids up to this ran before a reload
+        self._session_samplers: dict[str, set[str]] = {}  # session id -> loaded sampler ids
+        self._sweeper: asyncio.Task[None] | None = None
         self._schedulers: dict[str, ModelScheduler] = {}
         self._run_models: dict[str, str] = {}
         self._loaded_samplers: set[str] = set()
         self._sample_answers: OrderedDict[tuple[str, int], asyncio.Future[Any]] = OrderedDict()
         self._create_lock = asyncio.Lock()
+        self._recover()
 
     # --- entry point ----------------------------------------------------------------------------
 
@@ -83,6 +119,8 @@ class Backend:
             return _wire.Failure(0, error.status, error.message, error.category)
         try:
             result = await self.handle(request, owner)
+        except RateLimited as e:
+            return _wire.Failure(0, e.status, e.message, e.category, e.retry_after)
         except ServiceError as e:
             return _wire.Failure(0, e.status, e.message, e.category)
         except Exception as e:
@@ -96,9 +134,21 @@ class Backend:
             probe = msgspec.msgpack.decode(data, type=_SeqProbe)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        run = self.store.get_run(probe.model_id or "")
-        if run is None or run.owner != owner or probe.seq_id is None or probe.seq_id < 1:
+        if probe.model_id is not None and probe.seq_id is not None:
+            self.reject_ordered(probe.model_id, probe.seq_id, owner, error)
+
+    def reject_ordered(self, model_id: str, seq_id: int, owner: str, error: ServiceError) -> None:
+        """Answer request ``seq_id`` of run ``model_id`` with ``error``, without running it.
+
+        For requests rejected before they could be built (undecodable ones, say): they still
+        take their place in the run's order, so the requests after them do not wait on a gap.
+        Unknown runs and invalid seq_ids are ignored.
+        """
+        run = self.store.get_run(model_id)
+        if run is None or run.owner != owner or seq_id < 1:
             return
+        # Answered: a reload after a restart does not wait for it (see _ensure_loaded).
+        self.store.record_answer(run.run_id, seq_id, mutating=False)
         scheduler = self._schedulers.get(run.base_model)
         if scheduler is not None and scheduler.has_run(run.run_id):
 
@@ -106,13 +156,31 @@ class Backend:
                 raise error
 
             with contextlib.suppress(ServiceError):
-                scheduler.submit(run.run_id, probe.seq_id, work)
+                scheduler.submit(run.run_id, seq_id, work)
+                self.ledger.accept_seq(run.run_id, seq_id)
 
     async def handle(self, request: Any, owner: str) -> Any:
+        """Run one decoded request for ``owner``: admitted by the ledger (or 429), then dispatched."""
+        self._start_sweeper()
+        ordered = isinstance(request, _wire.TrainingRequest)
+        exempt = isinstance(request, _wire.Heartbeat) or (
+            ordered and self.ledger.fills_gap(request.model_id, request.seq_id)
+        )
+        self.ledger.enter(owner, exempt=exempt)
+        try:
+            return await self._dispatch(request, owner)
+        finally:
+            self.ledger.leave(owner)
+
+    async def _dispatch(self, request: Any, owner: str) -> Any:
         match request:
+            case _wire.Heartbeat():
+                self._session(request.session_id, owner)
+                return _wire.Empty()
             case _wire.CreateSession():
                 session_id = str(uuid.uuid4())
                 self.store.add_session(session_id, owner, request.user_metadata)
+                self.ledger.touch(session_id)
                 return _wire.SessionCreated(session_id=session_id)
             case _wire.CreateModel():
                 return await self._create_model(request, owner)
@@ -130,6 +198,11 @@ class Backend:
                 return await self._training(request, owner)
             case _wire.CreateSamplingSession():
                 return await self._create_sampling_session(request, owner)
+            case _wire.GetSampler():
+                sampler = self.store.get_sampler(request.sampling_session_id)
+                if sampler is None or sampler.owner != owner:
+                    raise ServiceError(404, f"sampling_session_id: unknown sampler {request.sampling_session_id!r}")
+                return _wire.SamplingSessionCreated(sampler.sampler_id, sampler.base_model, sampler.model_path)
             case _wire.Sample():
                 return await self._sample(request, owner)
             case _wire.ListTrainingRuns():
@@ -154,7 +227,7 @@ class Backend:
             case _wire.DeleteCheckpoint():
                 record = self._checkpoint(request.tinker_path, owner)
                 self.store.delete_checkpoint(record.run_id, record.kind, record.name)
-                await asyncio.to_thread(shutil.rmtree, record.directory, True)
+                await asyncio.to_thread(shutil.rmtree, self._directory(record), True)
                 return _wire.Empty()
             case _wire.GetWeightsInfo():
                 record = self._checkpoint(request.tinker_path, owner)
@@ -167,12 +240,23 @@ class Backend:
                     train_attn=config.train_attn,
                     train_unembed=config.train_unembed,
                 )
+            case _wire.SetCheckpointTtl():
+                record = self._checkpoint(request.tinker_path, owner)
+                ttl = request.ttl_seconds
+                if ttl is not None and not _MIN_TTL_S <= ttl <= _MAX_TTL_S:
+                    raise ServiceError(
+                        400, f"ttl_seconds: expected None or {_MIN_TTL_S} to {_MAX_TTL_S} (1 hour to 10 years), got {ttl}"
+                    )
+                expires_at = None if ttl is None else (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ttl)).isoformat()
+                self.store.put_checkpoint(msgspec.structs.replace(record, expires_at=expires_at))
+                return _wire.Empty()
         raise ServiceError(400, f"request: unsupported type {type(request).__name__}")
 
     # --- models and runs ------------------------------------------------------------------------
 
     def _scheduler(self, base_model: str) -> ModelScheduler:
         if base_model not in self._schedulers:
+            self._check_model_name(base_model)
             try:
                 path = models.resolve_model(base_model)
             except models.UnknownModelError as e:
@@ -181,34 +265,61 @@ class Backend:
             def load() -> Any:
                 from tinker_backend.engine.model_engine import ModelEngine
 
-                return ModelEngine(base_model, path)
+                return ModelEngine(
+                    base_model,
+                    path,
+                    max_slots=self.limits.adapter_slots,
+                    max_host_adapters=self.limits.host_adapters,
+                    offload_dir=self.data_dir / "offload" / _safe_name(base_model),
+                )
 
-            self._schedulers[base_model] = ModelScheduler(base_model, load)
+            self._schedulers[base_model] = ModelScheduler(
+                base_model,
+                load,
+                max_runs_per_cycle=self.limits.adapter_slots,
+                max_tokens_per_cycle=self.limits.max_tokens_per_cycle,
+            )
         return self._schedulers[base_model]
 
+    def _check_model_name(self, base_model: str) -> None:
+        """A local folder is a path into the server's file system: only served when allowed."""
+        if not self.allow_local_models and (Path(base_model).expanduser() / "config.json").is_file():
+            raise ServiceError(
+                404,
+                f"base_model: expected a model this server serves (see get_server_capabilities), got the "
+                f"local folder {base_model!r} (tinker-server --allow-local-models serves those)",
+            )
+
     def _session(self, session_id: str, owner: str) -> None:
+        """Check that ``session_id`` is the owner's, and count this request as its activity."""
         if self.store.session_owner(session_id) != owner:
             raise ServiceError(404, f"session_id: unknown session {session_id!r}")
+        self.ledger.touch(session_id)
 
     def _run(self, run_id: str, owner: str) -> RunRecord:
         run = self.store.get_run(run_id)
         if run is None or run.owner != owner:
             raise ServiceError(404, f"model_id: unknown training run {run_id!r}")
+        self.ledger.touch(run.session_id)
         return run
 
     async def _create_model(self, request: _wire.CreateModel, owner: str) -> _wire.ModelCreated:
         self._session(request.session_id, owner)
         run_id = f"{request.session_id}:train:{request.model_seq_id}"
-        if request.lora_config.rank > self.max_lora_rank:
+        if request.lora_config.rank > self.limits.max_lora_rank:
             raise ServiceError(
-                400, f"lora_config.rank: expected <= {self.max_lora_rank} (max_lora_rank), got {request.lora_config.rank}"
+                400,
+                f"lora_config.rank: expected <= {self.limits.max_lora_rank} (max_lora_rank), "
+                f"got {request.lora_config.rank}",
             )
         async with self._create_lock:
             existing = self.store.get_run(run_id)
             if existing is not None:  # a re-sent create: answer it again
                 return _wire.ModelCreated(model_id=run_id, info=self._info(existing))
             scheduler = self._scheduler(request.base_model)
-            config = await scheduler.compute(lambda engine: engine.create_adapter(run_id, request.lora_config))
+            self._check_run_capacity(scheduler)
+            with self._claiming_run(owner, run_id):
+                config = await scheduler.compute(lambda engine: engine.create_adapter(run_id, request.lora_config))
             record = RunRecord(
                 run_id=run_id,
                 session_id=request.session_id,
@@ -220,8 +331,7 @@ class Backend:
                 user_metadata=request.user_metadata,
             )
             self.store.add_run(record)
-            scheduler.add_run(run_id)
-            self._run_models[run_id] = request.base_model
+            self._loaded(record, scheduler, next_seq=1)
         logger.info("created run %s on %s (rank %d)", run_id, request.base_model, config.rank)
         return _wire.ModelCreated(model_id=run_id, info=self._info(record))
 
@@ -235,10 +345,11 @@ class Backend:
             if existing is not None:
                 return _wire.ModelCreated(model_id=run_id, info=self._info(existing))
             scheduler = self._scheduler(base_model)
-            directory = Path(source.directory)
-            config = await scheduler.compute(
-                lambda engine: engine.load_state(run_id, directory, request.with_optimizer)
-            )
+            directory = self._directory(source)
+            with self._claiming_run(owner, run_id):
+                config = await scheduler.compute(
+                    lambda engine: engine.load_state(run_id, directory, request.with_optimizer)
+                )
             record = RunRecord(
                 run_id=run_id,
                 session_id=request.session_id,
@@ -248,11 +359,18 @@ class Backend:
                 created_at=now_iso(),
                 last_request_time=now_iso(),
                 user_metadata={},
+                origin_path=source.tinker_path,
+                origin_with_optimizer=request.with_optimizer,
             )
             self.store.add_run(record)
-            scheduler.add_run(run_id)
-            self._run_models[run_id] = base_model
+            self._loaded(record, scheduler, next_seq=1)
         return _wire.ModelCreated(model_id=run_id, info=self._info(record))
+
+    def _check_run_capacity(self, scheduler: ModelScheduler) -> None:
+        if scheduler.run_count() >= self.limits.max_runs:
+            raise ServiceError(
+                429, f"base_model: {scheduler.base_model} already has {scheduler.run_count()} runs (max_runs {self.limits.max_runs})"
+            )
 
     def _info(self, run: RunRecord) -> GetInfoResponse:
         config = LoraConfig(**run.lora_config)
@@ -279,6 +397,7 @@ class Backend:
         )
 
     def _tokenizer_files(self, base_model: str) -> dict[str, bytes]:
+        self._check_model_name(base_model)
         try:
             return models.tokenizer_files(base_model)
         except models.UnknownModelError as e:
@@ -288,24 +407,33 @@ class Backend:
 
     async def _training(self, request: Any, owner: str) -> Any:
         run = self._run(request.model_id, owner)
-        scheduler = self._scheduler(run.base_model)
-        if not scheduler.has_run(run.run_id):
-            raise ServiceError(
-                409,
-                f"model_id: run {run.run_id!r} is not loaded (the server restarted); "
-                "create a new training client from its last checkpoint",
-            )
         if request.seq_id < 1:
             raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
+        scheduler = self._scheduler(run.base_model)
+        await self._ensure_loaded(run, scheduler)
+        if request.seq_id <= self._restored_floor.get(run.run_id, 0):
+            return self._answer_from_before_reload(request, run)
+        if isinstance(request, _wire.SaveState | _wire.SaveWeightsForSampler) and request.name is not None:
+            self.ledger.check_storage(owner, self.store.storage_bytes(owner))  # 429: not started
+        rejected = False
         try:
             work = await self._training_work(request, run, owner, scheduler)
         except ServiceError as e:
             # The rejected request still takes its place in the run's order, so the requests
             # the client sent after it do not wait forever on a gap.
+            rejected = True
+
             def work(engine: Any, error: ServiceError = e) -> Any:
                 raise error
-        self.store.touch_run(run.run_id)
-        return await scheduler.submit(run.run_id, request.seq_id, work)
+
+        future = scheduler.submit(run.run_id, request.seq_id, work)
+        self.ledger.accept_seq(run.run_id, request.seq_id)
+        try:
+            return await future
+        finally:
+            # Before the answer leaves: what a reload must not lose (store module doc).
+            mutating = not rejected and _mutates(request)
+            self.store.record_answer(run.run_id, request.seq_id, mutating)
 
     async def _training_work(self, request: Any, run: RunRecord, owner: str, scheduler: ModelScheduler) -> Any:
         """Validate an ordered request and return the work to queue for it."""
@@ -319,16 +447,16 @@ class Backend:
                 params = request.adam_params
                 work = lambda engine: OptimStepResponse(metrics=engine.optim_step(run.run_id, params))  # noqa: E731
             case _wire.SaveState():
-                work = self._save_work(run, "weights", request.name, request.ttl_seconds)
+                work = self._save_work(run, "weights", request.name, request.ttl_seconds, request.seq_id)
             case _wire.LoadState():
                 source = self._checkpoint(request.path, owner, kind="weights")
-                directory, with_optimizer = Path(source.directory), request.with_optimizer
+                directory, with_optimizer = self._directory(source), request.with_optimizer
 
                 def work(engine: Any) -> LoadWeightsResponse:
                     engine.load_state(run.run_id, directory, with_optimizer)
                     return LoadWeightsResponse(path=request.path)
             case _wire.SaveWeightsForSampler() if request.name is not None:
-                work = self._save_work(run, "sampler_weights", request.name, request.ttl_seconds)
+                work = self._save_work(run, "sampler_weights", request.name, request.ttl_seconds, request.seq_id)
             case _wire.SaveWeightsForSampler():
                 work = self._ephemeral_sampler_work(run, request.sampling_session_id, owner)
         return work
@@ -356,12 +484,16 @@ class Backend:
             except ValueError as e:
                 raise ServiceError(400, str(e)) from e
 
-    def _save_work(self, run: RunRecord, kind: str, name: str, ttl_seconds: int | None) -> Any:
+    def _save_work(self, run: RunRecord, kind: str, name: str, ttl_seconds: int | None, seq_id: int) -> Any:
+        """Each save writes a new directory and then points the index at it, so a save that dies
+        half-way leaves the previous checkpoint of that name intact (and an orphan, swept at start)."""
         if not _NAME.match(name):
             raise ServiceError(
                 400, f"name: expected 1-128 characters of [A-Za-z0-9_.-] not starting with '.', got {name!r}"
             )
-        directory = self.data_dir / "checkpoints" / run.run_id.replace(":", "_") / kind / name
+        _check_ttl(ttl_seconds)
+        relative = Path("checkpoints", run.run_id.replace(":", "_"), kind, f"{name}.{uuid.uuid4().hex[:12]}")
+        directory = self.data_dir / relative
         path = f"tinker://{run.run_id}/{kind}/{name}"
 
         def work(engine: Any) -> Any:
@@ -370,9 +502,15 @@ class Backend:
             else:
                 engine.save_sampler_weights(run.run_id, directory)
             size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            expires_at = None if ttl_seconds is None else iso_in(ttl_seconds)
+            previous = self.store.checkpoint_directory(run.run_id, kind, name)
             self.store.put_checkpoint(
-                CheckpointRecord(run.run_id, kind, name, run.owner, str(directory), now_iso(), size, None)
+                CheckpointRecord(
+                    run.run_id, kind, name, run.owner, str(relative), now_iso(), size, expires_at, seq_id
+                )
             )
+            if previous is not None:  # the name now points at the new directory
+                shutil.rmtree(self.data_dir / previous, ignore_errors=True)
             if kind == "weights":
                 return SaveWeightsResponse(path=path)
             return SaveWeightsForSamplerResponse(path=path)
@@ -389,6 +527,7 @@ class Backend:
             if sampler_id not in self._loaded_samplers:
                 engine.snapshot_sampler(run.run_id, sampler_id)
                 self._loaded_samplers.add(sampler_id)
+                self._session_samplers.setdefault(run.session_id, set()).add(sampler_id)
                 self.store.add_sampler(
                     SamplerRecord(
                         sampler_id, run.session_id, owner, run.base_model, f"ephemeral://{run.run_id}", now_iso()
@@ -404,7 +543,11 @@ class Backend:
         self, request: _wire.CreateSamplingSession, owner: str
     ) -> _wire.SamplingSessionCreated:
         sampler_id = request.sampling_session_id
-        session_id = sampler_id.split(":sample:")[0]
+        session_id, _, number = sampler_id.partition(":sample:")
+        if not number.isdigit():
+            raise ServiceError(
+                400, f"sampling_session_id: expected '<session_id>:sample:<n>', got {sampler_id!r}"
+            )
         self._session(session_id, owner)
         existing = self.store.get_sampler(sampler_id)
         if existing is not None:
@@ -412,9 +555,10 @@ class Backend:
         if request.model_path is not None:
             source = self._checkpoint(request.model_path, owner)
             base_model = self._run(source.run_id, owner).base_model
-            directory = Path(source.directory)
+            directory = self._directory(source)
             await self._scheduler(base_model).compute(lambda engine: engine.load_sampler(sampler_id, directory))
             self._loaded_samplers.add(sampler_id)
+            self._session_samplers.setdefault(session_id, set()).add(sampler_id)
         elif request.base_model is not None:
             base_model = request.base_model
             await self._scheduler(base_model).engine()
@@ -424,25 +568,33 @@ class Backend:
         return _wire.SamplingSessionCreated(sampler_id, base_model, request.model_path)
 
     async def _sample(self, request: _wire.Sample, owner: str) -> Any:
-        key = (request.sampling_session_id, request.seq_id)
-        if key in self._sample_answers:
-            return await asyncio.shield(self._sample_answers[key])
         sampler = self.store.get_sampler(request.sampling_session_id)
         if sampler is None or sampler.owner != owner:
             raise ServiceError(404, f"sampling_session_id: unknown sampler {request.sampling_session_id!r}")
+        self.ledger.touch(sampler.session_id)
+        key = (request.sampling_session_id, request.seq_id)
+        if key in self._sample_answers:
+            return await asyncio.shield(self._sample_answers[key])
         adapter = None if sampler.model_path is None else sampler.sampler_id
         if adapter is not None and adapter not in self._loaded_samplers:
-            raise ServiceError(
-                409, f"sampling_session_id: sampler {adapter!r} is not loaded (the server restarted); create it again"
-            )
+            await self._reload_sampler(sampler, owner)
         scheduler = self._scheduler(sampler.base_model)
         engine = await scheduler.engine()
         prompt = request.prompt.to_ints()
+        if not prompt:
+            raise ServiceError(400, "prompt: expected at least one token, got 0")
         _check_tokens("prompt", prompt, engine.vocab_size, engine.max_context_length - 1)
-        if request.num_samples > 128:
-            raise ServiceError(400, f"num_samples: expected <= 128, got {request.num_samples}")
-        if request.topk_prompt_logprobs > 20:
-            raise ServiceError(400, f"topk_prompt_logprobs: expected <= 20, got {request.topk_prompt_logprobs}")
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and len(prompt) + max_tokens > engine.max_context_length:
+            raise ServiceError(
+                400,
+                f"sampling_params.max_tokens: expected at most {engine.max_context_length - len(prompt)} "
+                f"(context length {engine.max_context_length} minus {len(prompt)} prompt tokens), got {max_tokens}",
+            )
+        if not 1 <= request.num_samples <= 128:
+            raise ServiceError(400, f"num_samples: expected 1 to 128, got {request.num_samples}")
+        if not 0 <= request.topk_prompt_logprobs <= 20:
+            raise ServiceError(400, f"topk_prompt_logprobs: expected 0 to 20, got {request.topk_prompt_logprobs}")
         for i, stop in enumerate(request.sampling_params.stop_token_ids()):
             if stop >= engine.vocab_size:
                 raise ServiceError(400, f"sampling_params.stop[{i}]: expected a token id < {engine.vocab_size}, got {stop}")
@@ -463,7 +615,221 @@ class Backend:
             self._sample_answers.popitem(last=False)
         return await asyncio.shield(future)
 
+    # --- loading, reloading and unloading runs --------------------------------------------------
+    # A run is "loaded" when its adapter is in an engine and its queue in a scheduler. It is
+    # unloaded when its session expires, and everything is unloaded by a restart; its first
+    # request after that loads it again (see _ensure_loaded and docs/operations.md).
+
+    @contextlib.contextmanager
+    def _claiming_run(self, owner: str, run_id: str) -> Iterator[None]:
+        """Count ``run_id`` against the owner's ``max_runs`` while it is being loaded (429 if full)."""
+        self.ledger.claim_run(owner, run_id)
+        try:
+            yield
+        except BaseException:
+            self.ledger.release_run(owner, run_id)
+            raise
+
+    def _loaded(self, run: RunRecord, scheduler: ModelScheduler, next_seq: int) -> None:
+        """Bookkeeping once ``run``'s adapter is in the engine: its queue expects ``next_seq``."""
+        _start_run_at(scheduler, run.run_id, next_seq)
+        self.ledger.start_order(run.run_id, next_seq)
+        self._loaded_runs[run.run_id] = run
+        self._run_models[run.run_id] = run.base_model
+        self.ledger.touch(run.session_id)
+
+    async def _ensure_loaded(self, run: RunRecord, scheduler: ModelScheduler) -> None:
+        """Load a run that is not loaded, exactly as it was after the last answer it gave.
+
+        Its state is rebuilt from its latest ``save_state`` (or, with none, from how it started:
+        its seed, or the checkpoint it was created from). That is exact when no request that
+        changed the adapter was answered after that save; then its queue resumes after the
+        last answered ``seq_id``, so the client's re-sent and new requests run correctly.
+        Otherwise the unsaved state is gone and every request of the run answers 410.
+        """
+        if scheduler.has_run(run.run_id):
+            return
+        async with self._create_lock:
+            if scheduler.has_run(run.run_id):
+                return
+            run = self.store.get_run(run.run_id) or run
+            base_seq, source, with_optimizer = self._resume_point(run)
+            if run.last_mutation_seq > base_seq:
+                saved = f"its last save_state is seq_id {base_seq}" if base_seq else "it has no save_state"
+                raise ServiceError(
+                    410,
+                    f"model_id: run {run.run_id!r} lost its unsaved state when the server restarted or its session "
+                    f"expired: requests up to seq_id {run.last_mutation_seq} had changed it and {saved}. "
+                    "Continue from a checkpoint with create_training_client_from_state_with_optimizer(path)",
+                )
+            config = LoraConfig(**run.lora_config)
+
+            def load(engine: Any) -> None:
+                if engine.has_adapter(run.run_id):
+                    engine.remove_adapter(run.run_id)
+                if source is None:
+                    engine.create_adapter(run.run_id, config)  # the stored config has the seed
+                else:
+                    engine.load_state(run.run_id, source, with_optimizer)
+
+            with self._claiming_run(run.owner, run.run_id):
+                await scheduler.compute(load)
+            next_seq = max(base_seq, run.last_seq) + 1
+            self._loaded(run, scheduler, next_seq)
+            self._restored_floor[run.run_id] = next_seq - 1
+        logger.info("reloaded run %s at seq_id %d (from %s)", run.run_id, next_seq, source or "its seed")
+
+    def _resume_point(self, run: RunRecord) -> tuple[int, Path | None, bool]:
+        """(seq_id of the state, checkpoint directory or None for a fresh adapter, with optimizer)."""
+        latest = self.store.latest_weights(run.run_id)
+        if latest is not None:
+            return latest.seq_id, self._directory(latest), True
+        if run.origin_path is None:
+            return 0, None, False
+        run_id, _, rest = run.origin_path.removeprefix("tinker://").partition("/")
+        kind, _, name = rest.partition("/")
+        origin = self.store.get_checkpoint(run_id, kind, name)
+        if origin is None:
+            raise ServiceError(
+                410,
+                f"model_id: run {run.run_id!r} cannot be reloaded: the checkpoint it started from, "
+                f"{run.origin_path!r}, was deleted or expired, and it has no save_state of its own",
+            )
+        return 0, self._directory(origin), run.origin_with_optimizer
+
+    def _answer_from_before_reload(self, request: Any, run: RunRecord) -> Any:
+        """A request that ran before the run was reloaded: only a save's answer can be given again."""
+        saved = self.store.checkpoint_by_seq(run.run_id, request.seq_id)
+        if saved is not None and isinstance(request, _wire.SaveState) and saved.kind == "weights":
+            return SaveWeightsResponse(path=saved.tinker_path)
+        if saved is not None and isinstance(request, _wire.SaveWeightsForSampler) and request.name is not None:
+            return SaveWeightsForSamplerResponse(path=saved.tinker_path)
+        raise ServiceError(
+            410,
+            f"seq_id: request {request.seq_id} of run {run.run_id!r} ran before the server restarted (or its "
+            "session expired) and its answer was lost",
+        )
+
+    async def _reload_sampler(self, sampler: SamplerRecord, owner: str) -> None:
+        """Load a named sampler again from its checkpoint; in-memory snapshots cannot come back."""
+        path = sampler.model_path or ""
+        lost = (
+            f"sampling_session_id: sampler {sampler.sampler_id!r} was lost when the server restarted or its "
+            "session expired"
+        )
+        if not path.startswith("tinker://"):
+            raise ServiceError(
+                410, f"{lost}: it was an in-memory snapshot; call save_weights_and_get_sampling_client again"
+            )
+        try:
+            source = self._checkpoint(path, owner)
+        except ServiceError as e:
+            raise ServiceError(410, f"{lost}, and its checkpoint {path!r} is gone") from e
+        directory = self._directory(source)
+        async with self._create_lock:
+            if sampler.sampler_id in self._loaded_samplers:
+                return
+
+            def load(engine: Any) -> None:
+                if engine.has_sampler(sampler.sampler_id):
+                    engine.remove_sampler(sampler.sampler_id)
+                engine.load_sampler(sampler.sampler_id, directory)
+
+            await self._scheduler(sampler.base_model).compute(load)
+            self._loaded_samplers.add(sampler.sampler_id)
+            self._session_samplers.setdefault(sampler.session_id, set()).add(sampler.sampler_id)
+
+    async def expire_sessions(self) -> list[str]:
+        """Unload the runs and samplers of every session idle for the session timeout."""
+        expired = self.ledger.expired_sessions()
+        for session_id in expired:
+            self.ledger.forget(session_id)
+            async with self._create_lock:
+                runs = [r for r in self._loaded_runs.values() if r.session_id == session_id]
+                for run in runs:
+                    await self._unload_run(run)
+                for sampler_id in self._session_samplers.pop(session_id, set()):
+                    await self._unload_sampler(sampler_id)
+            if runs:
+                logger.info("session %s expired: unloaded %d runs", session_id, len(runs))
+        return expired
+
+    async def _unload_run(self, run: RunRecord) -> None:
+        scheduler = self._schedulers[run.base_model]
+        _drop_run(
+            scheduler,
+            run.run_id,
+            ServiceError(410, f"model_id: the session of run {run.run_id!r} expired while this request waited"),
+        )
+
+        def unload(engine: Any) -> None:
+            if engine.has_adapter(run.run_id):
+                engine.remove_adapter(run.run_id)
+
+        await scheduler.compute(unload)
+        self._loaded_runs.pop(run.run_id, None)
+        self._restored_floor.pop(run.run_id, None)
+        self.ledger.release_run(run.owner, run.run_id)
+
+    async def _unload_sampler(self, sampler_id: str) -> None:
+        self._loaded_samplers.discard(sampler_id)
+        self._sample_answers = OrderedDict((k, v) for k, v in self._sample_answers.items() if k[0] != sampler_id)
+        record = self.store.get_sampler(sampler_id)
+        if record is None or record.base_model not in self._schedulers:
+            return
+
+        def unload(engine: Any) -> None:
+            if engine.has_sampler(sampler_id):
+                engine.remove_sampler(sampler_id)
+
+        await self._schedulers[record.base_model].compute(unload)
+
+    # --- housekeeping: startup recovery, expiry sweeps ----------------------------------------
+
+    def _recover(self) -> None:
+        """At startup: futures that were in flight died with the last process; checkpoint
+        directories that no row points at (saves that died half-way) are removed."""
+        lost = self.store.mark_pending_futures_lost()
+        referenced = {(self.data_dir / d).resolve() for d in self.store.checkpoint_directories()}
+        orphans = [
+            d
+            for d in (self.data_dir / "checkpoints").glob("*/*/*")
+            if d.is_dir() and d.resolve() not in referenced
+        ]
+        for directory in orphans:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._delete_expired_checkpoints()
+        if lost or orphans:
+            logger.info("recovered: %d futures marked lost, %d unfinished checkpoint directories removed", lost, len(orphans))
+
+    def _delete_expired_checkpoints(self) -> int:
+        expired = self.store.expired_checkpoints()
+        for record in expired:
+            if self.store.delete_checkpoint(record.run_id, record.kind, record.name, record.directory):
+                shutil.rmtree(self._directory(record), ignore_errors=True)
+        return len(expired)
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="tinker-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        timeout = self.ledger.session_timeout_s
+        interval = _SWEEP_INTERVAL_S if timeout is None else min(_SWEEP_INTERVAL_S, max(timeout / 4, 0.1))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_sessions()
+                await asyncio.to_thread(self._delete_expired_checkpoints)
+                self.store.prune_futures(iso_in(-_FUTURE_RECORD_S))
+            except Exception:  # a sweep must never stop sweeping
+                logger.exception("housekeeping sweep failed")
+
     # --- checkpoints ----------------------------------------------------------------------------
+
+    def _directory(self, record: CheckpointRecord) -> Path:
+        """A checkpoint's files (rows hold paths relative to the data dir; older ones absolute)."""
+        return self.data_dir / record.directory
 
     def _checkpoint(self, tinker_path: str, owner: str, kind: str | None = None) -> CheckpointRecord:
         parts = tinker_path.removeprefix("tinker://").split("/")
@@ -480,9 +846,48 @@ class Backend:
         return record
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for scheduler in self._schedulers.values():
             scheduler.close()
         self.store.close()
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _mutates(request: Any) -> bool:
+    """Whether a training request changes the adapter (or its accumulated gradients)."""
+    if isinstance(request, _wire.ForwardBackward):
+        return not request.forward_only
+    return isinstance(request, _wire.OptimStep | _wire.LoadState)
+
+
+def _check_ttl(ttl_seconds: int | None) -> None:
+    if ttl_seconds is not None and not _MIN_TTL_S <= ttl_seconds <= _MAX_TTL_S:
+        raise ServiceError(
+            400,
+            f"ttl_seconds: expected None or {_MIN_TTL_S} to {_MAX_TTL_S} (1 hour to 10 years), got {ttl_seconds}",
+        )
+
+
+# The two scheduler operations a reload and an unload need. They reach into ModelScheduler's
+# queues; TODO(lead): public ``add_run(run_id, next_seq=...)`` and ``remove_run(run_id, error)``.
+
+
+def _start_run_at(scheduler: ModelScheduler, run_id: str, next_seq: int) -> None:
+    """Give ``run_id`` a queue whose first request is ``next_seq``."""
+    scheduler.add_run(run_id)
+    scheduler._runs[run_id].next_seq = next_seq
+
+
+def _drop_run(scheduler: ModelScheduler, run_id: str, error: ServiceError) -> None:
+    """Forget ``run_id``'s queue; the requests waiting in it fail with ``error``."""
+    queue = scheduler._runs.pop(run_id, None)
+    for item in queue.pending.values() if queue is not None else ():
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 def _check_tokens(field: str, tokens: list[int], vocab: int, context: int) -> None:

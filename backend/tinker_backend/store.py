@@ -1,7 +1,18 @@
-"""The durable record of sessions, runs, samplers and checkpoints: SQLite in WAL mode.
+"""The durable record of one data dir: SQLite in WAL mode.
 
-Checkpoint *files* live under ``<data_dir>/checkpoints``; this store only indexes them. Every
-method is a short transaction, called from the event-loop thread.
+Tables: ``api_keys`` (hashes only), ``sessions``, ``runs``, ``samplers``, ``checkpoints`` (an
+index: the files live under ``<data_dir>/checkpoints``) and ``futures`` (requests of the HTTP
+protocol, so that one in flight when the server died is answered "lost" after a restart).
+
+What makes a run resumable after a restart (see ``docs/operations.md``): each checkpoint row
+keeps the ``seq_id`` of the save that wrote it, and each run keeps ``last_seq`` (the highest
+``seq_id`` answered) and ``last_mutation_seq`` (the highest answered request that changed the
+adapter: a forward_backward, an optim_step or a load). Both are written *before* the answer
+leaves the server.
+
+Every method is one short transaction. The store is shared by the event loop and the compute
+threads (a save indexes its checkpoint from the compute thread), hence the lock; other
+processes (``tinker-server keys ...``) may open the same file at the same time.
 """
 
 from __future__ import annotations
@@ -16,6 +27,13 @@ from typing import Any
 import msgspec
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -51,11 +69,36 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     expires_at TEXT,
     PRIMARY KEY (run_id, kind, name)
 );
+CREATE TABLE IF NOT EXISTS futures (
+    request_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at);
+CREATE INDEX IF NOT EXISTS checkpoints_by_owner ON checkpoints (owner, created_at);
 """
+
+# Columns added after the first release, with their definitions: added to older data dirs
+# on open (SQLite's ALTER TABLE ADD COLUMN keeps existing rows, filled with the default).
+_ADDED_COLUMNS = {
+    "runs": {
+        "last_seq": "INTEGER NOT NULL DEFAULT 0",
+        "last_mutation_seq": "INTEGER NOT NULL DEFAULT 0",
+        "origin_path": "TEXT",
+        "origin_with_optimizer": "INTEGER NOT NULL DEFAULT 0",
+    },
+    "checkpoints": {"seq_id": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
+
+
+def iso_in(seconds: float) -> str:
+    """The UTC time ``seconds`` from now, in the format of ``now_iso`` (so strings compare)."""
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()
 
 
 class RunRecord(msgspec.Struct):
@@ -67,6 +110,10 @@ class RunRecord(msgspec.Struct):
     created_at: str
     last_request_time: str
     user_metadata: dict[str, str]
+    last_seq: int = 0
+    last_mutation_seq: int = 0
+    origin_path: str | None = None  # the checkpoint a run created from state started from
+    origin_with_optimizer: bool = False
 
 
 class CheckpointRecord(msgspec.Struct):
@@ -78,6 +125,7 @@ class CheckpointRecord(msgspec.Struct):
     created_at: str
     size_bytes: int
     expires_at: str | None
+    seq_id: int = 0  # the seq_id of the save that wrote it
 
     @property
     def tinker_path(self) -> str:
@@ -93,17 +141,34 @@ class SamplerRecord(msgspec.Struct):
     created_at: str
 
 
+class KeyRecord(msgspec.Struct):
+    key_id: str
+    key_hash: str
+    owner: str
+    created_at: str
+    revoked_at: str | None
+
+
 class Store:
-    """Sessions, runs, samplers and the checkpoint index of one data dir."""
+    """Keys, sessions, runs, samplers, futures and the checkpoint index of one data dir."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives the process being killed (not a power cut).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row["name"] for row in self._execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in present:
+                    self._execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -112,6 +177,32 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # --- API keys ---
+
+    def add_key(self, key_id: str, key_hash: str, owner: str) -> None:
+        self._execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_id, key_hash, owner, now_iso()))
+
+    def key_owner(self, key_hash: str) -> str | None:
+        """The owner of a key that exists and is not revoked."""
+        rows = self._execute(
+            "SELECT owner FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,)
+        )
+        return rows[0]["owner"] if rows else None
+
+    def has_active_keys(self) -> bool:
+        return bool(self._execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+
+    def list_keys(self) -> list[KeyRecord]:
+        return [KeyRecord(**dict(r)) for r in self._execute("SELECT * FROM api_keys ORDER BY created_at")]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Revoke by key id; False if there is no such active key."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now_iso(), key_id)
+            )
+            return cursor.rowcount > 0
 
     # --- sessions ---
 
@@ -129,7 +220,9 @@ class Store:
 
     def add_run(self, record: RunRecord) -> None:
         self._execute(
-            "INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO runs (run_id, session_id, owner, base_model, lora_config, created_at,"
+            " last_request_time, user_metadata, last_seq, last_mutation_seq, origin_path, origin_with_optimizer)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.run_id,
                 record.session_id,
@@ -139,6 +232,10 @@ class Store:
                 record.created_at,
                 record.last_request_time,
                 json.dumps(record.user_metadata),
+                record.last_seq,
+                record.last_mutation_seq,
+                record.origin_path,
+                int(record.origin_with_optimizer),
             ),
         )
 
@@ -156,6 +253,15 @@ class Store:
     def touch_run(self, run_id: str) -> None:
         self._execute("UPDATE runs SET last_request_time = ? WHERE run_id = ?", (now_iso(), run_id))
 
+    def record_answer(self, run_id: str, seq_id: int, mutating: bool) -> None:
+        """Note that the answer of ``seq_id`` is about to leave the server (see the module doc)."""
+        self._execute(
+            "UPDATE runs SET last_request_time = ?, last_seq = MAX(last_seq, ?),"
+            " last_mutation_seq = CASE WHEN ? THEN MAX(last_mutation_seq, ?) ELSE last_mutation_seq END"
+            " WHERE run_id = ?",
+            (now_iso(), seq_id, int(mutating), seq_id, run_id),
+        )
+
     # --- samplers ---
 
     def add_sampler(self, record: SamplerRecord) -> None:
@@ -169,10 +275,13 @@ class Store:
         return SamplerRecord(**dict(rows[0])) if rows else None
 
     # --- checkpoints ---
+    # An expired checkpoint is invisible to lookups and listings at once; the backend's sweep
+    # deletes its row and files later.
 
     def put_checkpoint(self, record: CheckpointRecord) -> None:
         self._execute(
-            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO checkpoints (run_id, kind, name, owner, directory, created_at, size_bytes,"
+            " expires_at, seq_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.run_id,
                 record.kind,
@@ -182,33 +291,107 @@ class Store:
                 record.created_at,
                 record.size_bytes,
                 record.expires_at,
+                record.seq_id,
             ),
         )
 
     def get_checkpoint(self, run_id: str, kind: str, name: str) -> CheckpointRecord | None:
         rows = self._execute(
-            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?", (run_id, kind, name)
+            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ? AND " + _LIVE,
+            (run_id, kind, name, now_iso()),
         )
-        return CheckpointRecord(**dict(rows[0])) if rows else None
+        return _checkpoint(rows[0]) if rows else None
 
     def list_checkpoints(self, run_id: str) -> list[CheckpointRecord]:
-        rows = self._execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY created_at", (run_id,))
-        return [CheckpointRecord(**dict(r)) for r in rows]
+        rows = self._execute(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND " + _LIVE + " ORDER BY created_at", (run_id, now_iso())
+        )
+        return [_checkpoint(r) for r in rows]
 
     def list_user_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[CheckpointRecord], int]:
+        now = now_iso()
         rows = self._execute(
-            "SELECT * FROM checkpoints WHERE owner = ? ORDER BY created_at DESC LIMIT ? OFFSET ?",
-            (owner, limit, offset),
+            "SELECT * FROM checkpoints WHERE owner = ? AND " + _LIVE + " ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            (owner, now, limit, offset),
         )
-        total = self._execute("SELECT COUNT(*) AS n FROM checkpoints WHERE owner = ?", (owner,))[0]["n"]
-        return [CheckpointRecord(**dict(r)) for r in rows], total
+        total = self._execute("SELECT COUNT(*) AS n FROM checkpoints WHERE owner = ? AND " + _LIVE, (owner, now))
+        return [_checkpoint(r) for r in rows], total[0]["n"]
 
-    def delete_checkpoint(self, run_id: str, kind: str, name: str) -> None:
-        self._execute("DELETE FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?", (run_id, kind, name))
+    def latest_weights(self, run_id: str) -> CheckpointRecord | None:
+        """The run's live ``weights`` checkpoint written by its latest save (highest seq_id)."""
+        rows = self._execute(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = 'weights' AND " + _LIVE
+            + " ORDER BY seq_id DESC LIMIT 1",
+            (run_id, now_iso()),
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def checkpoint_by_seq(self, run_id: str, seq_id: int) -> CheckpointRecord | None:
+        rows = self._execute(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND seq_id = ? AND " + _LIVE, (run_id, seq_id, now_iso())
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def storage_bytes(self, owner: str) -> int:
+        """Bytes of all the owner's checkpoints, expired ones included until they are swept."""
+        rows = self._execute("SELECT COALESCE(SUM(size_bytes), 0) AS n FROM checkpoints WHERE owner = ?", (owner,))
+        return int(rows[0]["n"])
+
+    def expired_checkpoints(self) -> list[CheckpointRecord]:
+        rows = self._execute("SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?", (now_iso(),))
+        return [_checkpoint(r) for r in rows]
+
+    def checkpoint_directory(self, run_id: str, kind: str, name: str) -> str | None:
+        """The directory of a checkpoint row, expired or not."""
+        rows = self._execute(
+            "SELECT directory FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?", (run_id, kind, name)
+        )
+        return rows[0]["directory"] if rows else None
+
+    def checkpoint_directories(self) -> set[str]:
+        return {r["directory"] for r in self._execute("SELECT directory FROM checkpoints")}
+
+    def delete_checkpoint(self, run_id: str, kind: str, name: str, directory: str | None = None) -> bool:
+        """Delete the row (only if it still points at ``directory``, when given); True if deleted."""
+        sql = "DELETE FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?"
+        params: tuple[Any, ...] = (run_id, kind, name)
+        if directory is not None:
+            sql, params = sql + " AND directory = ?", (*params, directory)
+        with self._lock:
+            return self._db.execute(sql, params).rowcount > 0
+
+    # --- futures (requests of the HTTP protocol) ---
+
+    def add_future(self, request_id: str, owner: str) -> None:
+        self._execute("INSERT OR IGNORE INTO futures VALUES (?, ?, ?, 'pending')", (request_id, owner, now_iso()))
+
+    def finish_future(self, request_id: str) -> None:
+        self._execute("UPDATE futures SET state = 'done' WHERE request_id = ?", (request_id,))
+
+    def future_state(self, request_id: str, owner: str) -> str | None:
+        """'pending', 'done' or 'lost' (it was pending when the server stopped); None if unknown."""
+        rows = self._execute("SELECT state FROM futures WHERE request_id = ? AND owner = ?", (request_id, owner))
+        return rows[0]["state"] if rows else None
+
+    def mark_pending_futures_lost(self) -> int:
+        """At startup: nothing is running yet, so every 'pending' future died with the last process."""
+        with self._lock:
+            return self._db.execute("UPDATE futures SET state = 'lost' WHERE state = 'pending'").rowcount
+
+    def prune_futures(self, older_than_iso: str) -> None:
+        self._execute("DELETE FROM futures WHERE created_at < ? AND state != 'pending'", (older_than_iso,))
+
+
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
 def _run(row: sqlite3.Row) -> RunRecord:
     data = dict(row)
     data["lora_config"] = json.loads(data["lora_config"])
     data["user_metadata"] = json.loads(data["user_metadata"])
+    data["origin_with_optimizer"] = bool(data["origin_with_optimizer"])
     return RunRecord(**data)
+
+
+def _checkpoint(row: sqlite3.Row) -> CheckpointRecord:
+    return CheckpointRecord(**dict(row))

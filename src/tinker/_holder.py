@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Coroutine
@@ -13,9 +15,15 @@ from typing import Any, TypeVar
 
 from tinker import _wire
 from tinker._transport import EmbeddedTransport, Transport, WebSocketTransport
+from tinker.errors import NotFoundError, TinkerError
 from tinker.futures import APIFuture, BackgroundLoop
 
 T = TypeVar("T")
+logger = logging.getLogger("tinker")
+
+# How often a client tells a server its session is alive (as the Tinker SDK does). A server
+# unloads the runs of a session silent for its session timeout (300 s by default).
+HEARTBEAT_INTERVAL_S = 10.0
 
 
 class Holder:
@@ -43,6 +51,7 @@ class Holder:
         self._model_seq = itertools.count()
         self._sampler_seq = itertools.count()
         self._tokenizers: dict[str, Any] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> APIFuture[T]:
         return self.loop.submit(coro)
@@ -59,7 +68,19 @@ class Holder:
 
     async def _create_session(self) -> str:
         reply = await self.call(_wire.CreateSession(user_metadata=self._user_metadata))
+        if isinstance(self.transport, WebSocketTransport):  # the embedded backend never expires sessions
+            self._heartbeat = asyncio.create_task(self._send_heartbeats(reply.session_id))
         return reply.session_id
+
+    async def _send_heartbeats(self, session_id: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self.transport.call(_wire.Heartbeat(session_id=session_id))
+            except NotFoundError:  # the server does not know the session (a new data dir): stop
+                return
+            except TinkerError as e:
+                logger.debug("heartbeat of session %s failed: %s", session_id, e)
 
     def next_model_seq(self) -> int:
         with self._lock:
@@ -81,6 +102,10 @@ class Holder:
             return self._tokenizers[base_model]
 
     async def aclose(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         await self.transport.aclose()
 
 

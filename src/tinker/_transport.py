@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NoReturn, Protocol
 
 import aiohttp
 import msgspec
@@ -27,6 +27,10 @@ logger = logging.getLogger("tinker")
 RECONNECT_TIMEOUT_S = 60.0
 # WebSocket ping interval: detects a dead peer on an idle connection.
 HEARTBEAT_S = 20.0
+# How long a request the server refuses with 429 (a per-key limit) is sent again before the
+# RateLimitError is raised: work queues rather than fails. The server says how long to wait.
+RATE_LIMIT_TIMEOUT_S = 600.0
+_RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S = 1.0, 30.0
 
 
 class Transport(Protocol):
@@ -37,7 +41,7 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def raise_failure(failure: _wire.Failure) -> None:
+def raise_failure(failure: _wire.Failure) -> NoReturn:
     """Turn a server ``Failure`` into the matching client error."""
     if failure.status >= 500:
         raise RequestFailedError(failure.message, failure.category)
@@ -93,8 +97,23 @@ class WebSocketTransport:
         self._closed = False
 
     async def call(self, request: Any) -> Any:
+        payload = _wire.encoder.encode(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RATE_LIMIT_TIMEOUT_S
+        while True:
+            reply = await self._call_once(payload)
+            if not (isinstance(reply, _wire.Failure) and reply.status == 429 and loop.time() < deadline):
+                break
+            delay = min(reply.retry_after or _RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S)
+            logger.info("rate limited (%s); sending %s again in %.1fs", reply.message, type(request).__name__, delay)
+            await asyncio.sleep(delay)
+        if isinstance(reply, _wire.Failure):
+            raise_failure(reply)
+        return _wire.decode_response(type(request), reply.payload)
+
+    async def _call_once(self, payload: bytes) -> _wire.Result | _wire.Failure:
         call_id = next(self._ids)
-        frame = _wire.encoder.encode(_wire.Submit(call_id, msgspec.Raw(_wire.encoder.encode(request))))
+        frame = _wire.encoder.encode(_wire.Submit(call_id, msgspec.Raw(payload)))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = (frame, done)
         try:
@@ -109,9 +128,7 @@ class WebSocketTransport:
                 raise APIConnectionError(f"connection to {self.url} failed: {e}") from e
         finally:
             self._pending.pop(call_id, None)
-        if isinstance(reply, _wire.Failure):
-            raise_failure(reply)
-        return _wire.decode_response(type(request), reply.payload)
+        return reply
 
     async def _connected(self) -> aiohttp.ClientWebSocketResponse:
         if self._ws is not None and not self._ws.closed:
@@ -147,8 +164,24 @@ class WebSocketTransport:
             entry = self._pending.get(frame.call_id)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(frame)
+        if ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+            self._fail_largest_pending()
         if not self._closed and self._pending:
             await self._reconnect_and_resend()
+
+    def _fail_largest_pending(self) -> None:
+        """The server closed the connection because a frame was over its size limit: fail the
+        largest frame not yet answered (it or a larger one did it), and re-send the others."""
+        waiting = [(len(frame), done) for frame, done in self._pending.values() if not done.done()]
+        if waiting:
+            size, done = max(waiting, key=lambda item: item[0])
+            done.set_exception(
+                error_for_status(
+                    413,
+                    f"request: expected an encoded request within the server's size limit, got {size} bytes "
+                    "(the server closed the connection with 1009, message too big)",
+                )
+            )
 
     async def _reconnect_and_resend(self) -> None:
         loop = asyncio.get_running_loop()

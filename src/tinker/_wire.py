@@ -159,6 +159,10 @@ class SamplingSessionCreated(_Reply):
     model_path: str | None = None
 
 
+class GetSampler(_Request):
+    sampling_session_id: str
+
+
 class Sample(_Request):
     sampling_session_id: str
     seq_id: int
@@ -198,8 +202,25 @@ class GetWeightsInfo(_Request):
     tinker_path: str
 
 
+class SetCheckpointTtl(_Request):
+    """``ttl_seconds=None`` removes the expiry."""
+
+    tinker_path: str
+    ttl_seconds: int | None = None
+
+
 class Empty(_Reply):
     pass
+
+
+# --- sessions (kept alive by the client's heartbeat) --------------------------------------------
+
+
+class Heartbeat(_Request):
+    """Sent every few seconds while a client is open; a session that stops sending it (and makes
+    no other request) for the server's session timeout is expired and its runs are unloaded."""
+
+    session_id: str
 
 
 Request: TypeAlias = (
@@ -215,6 +236,7 @@ Request: TypeAlias = (
     | LoadState
     | SaveWeightsForSampler
     | CreateSamplingSession
+    | GetSampler
     | Sample
     | ListTrainingRuns
     | GetTrainingRun
@@ -222,6 +244,8 @@ Request: TypeAlias = (
     | ListUserCheckpoints
     | DeleteCheckpoint
     | GetWeightsInfo
+    | SetCheckpointTtl
+    | Heartbeat
 )
 
 RESPONSE_TYPES: dict[type, type] = {
@@ -237,6 +261,7 @@ RESPONSE_TYPES: dict[type, type] = {
     LoadState: LoadWeightsResponse,
     SaveWeightsForSampler: SaveWeightsForSamplerResponse,
     CreateSamplingSession: SamplingSessionCreated,
+    GetSampler: SamplingSessionCreated,
     Sample: SampleResponse,
     ListTrainingRuns: TrainingRunsResponse,
     GetTrainingRun: TrainingRun,
@@ -244,6 +269,8 @@ RESPONSE_TYPES: dict[type, type] = {
     ListUserCheckpoints: CheckpointsListResponse,
     DeleteCheckpoint: Empty,
     GetWeightsInfo: WeightsInfoResponse,
+    SetCheckpointTtl: Empty,
+    Heartbeat: Empty,
 }
 
 
@@ -271,6 +298,7 @@ class Failure(msgspec.Struct, tag=True, array_like=True):
     status: int
     message: str
     category: str = "unknown"
+    retry_after: float | None = None  # for a 429: send the call again after this many seconds
 
 
 ServerFrame: TypeAlias = Result | Failure

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import concurrent.futures
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Generator

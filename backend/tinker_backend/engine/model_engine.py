@@ -11,6 +11,7 @@ adapter it was taken from goes on training.
 from __future__ import annotations
 
 import secrets
+from concurrent.futures import Future
 from pathlib import Path
 from typing import cast
 
@@ -31,18 +32,16 @@ from tinker.types import (
 
 from .. import checkpoints
 from ..checkpoints import AdapterCheckpoint
+from .adapters import AdapterTable
 from .lora import (
     LORA_ALPHA,
     LoraLinear,
     LoraRouting,
-    LoraWeights,
-    Segment,
     attach_lora_layers,
     init_lora_weights,
 )
 from .lora import target_paths as lora_target_paths
-from .sampler import StopCriteria, prompt_logprobs
-from .sampler import sample as sample_tokens
+from .sampler import SAMPLERS, Sampler, SampleRequest, StopCriteria
 from .trainer import FwdBwdItem, PreparedItem, TrainableAdapter, forward_backward_batch, prepare_item
 
 __all__ = ["FwdBwdItem", "ModelEngine"]
@@ -50,10 +49,6 @@ __all__ = ["FwdBwdItem", "ModelEngine"]
 
 def _train_key(adapter_id: str) -> str:
     return f"train:{adapter_id}"
-
-
-def _sample_key(sampler_id: str) -> str:
-    return f"sample:{sampler_id}"
 
 
 class ModelEngine:
@@ -75,7 +70,23 @@ class ModelEngine:
         model_path: Path,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        max_slots: int = 64,
+        max_host_adapters: int = 256,
+        offload_dir: Path | None = None,
+        sampler: str = "torch",
+        sampler_dir: Path | None = None,
+        max_lora_rank: int = 256,
     ) -> None:
+        """``max_slots`` adapters stay attached on the device; the least recently used others
+        wait in host memory (up to ``max_host_adapters``) and then on disk in ``offload_dir``.
+
+        ``sampler`` is ``"torch"`` (continuous batching on this engine's weights) or ``"vllm"``
+        (vLLM's engine, which reads published adapters from files under ``sampler_dir``, a
+        temporary directory by default, and sizes its LoRA buffers for ``max_lora_rank``).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
         self.model_name = model_name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -91,8 +102,25 @@ class ModelEngine:
         self.eos_token_ids: set[int] = self._eos_token_ids()
         self.routing = LoraRouting()
         self.layers: dict[str, LoraLinear] = attach_lora_layers(self.model, self.routing)
-        self._adapters: dict[str, TrainableAdapter] = {}
+        self._adapters = AdapterTable(
+            self.layers, self.device, max_slots=max_slots, max_host=max_host_adapters, offload_dir=offload_dir
+        )
         self._samplers: set[str] = set()
+        self.sampler: Sampler = self._make_sampler(sampler, model_path, sampler_dir, max_lora_rank)
+
+    def _make_sampler(self, kind: str, model_path: Path, directory: Path | None, max_lora_rank: int) -> Sampler:
+        if kind == "vllm":
+            from .vllm_sampler import VllmSampler  # imports vllm: only when asked for
+
+            dtype = cast(torch.dtype, self.model.dtype)
+            return VllmSampler(model_path, self.tokenizer, dtype, max_lora_rank, directory)
+        from .batcher import SamplingBatcher
+
+        return SamplingBatcher(self.model, self.routing, self.layers)
+
+    def close(self) -> None:
+        """Stop the sampler (failing its requests in flight)."""
+        self.sampler.close()
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -125,22 +153,19 @@ class ModelEngine:
         return config
 
     def _install(self, adapter_id: str, adapter: TrainableAdapter) -> None:
-        """Put ``adapter`` in the layers under ``adapter_id``, replacing any previous one."""
-        if adapter_id in self._adapters:
-            self.remove_adapter(adapter_id)
-        adapter.attach(self.layers)
-        self._adapters[adapter_id] = adapter
+        """Put ``adapter`` in a slot under ``adapter_id``, replacing any previous one."""
+        self._adapters.add(adapter_id, adapter)
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Drop an adapter with its optimizer state; its sampler snapshots stay."""
-        self._adapter(adapter_id).detach(self.layers)
-        del self._adapters[adapter_id]
+        if adapter_id not in self._adapters:
+            raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}")
+        self._adapters.remove(adapter_id)
 
     def _adapter(self, adapter_id: str) -> TrainableAdapter:
-        try:
-            return self._adapters[adapter_id]
-        except KeyError:
-            raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}") from None
+        if adapter_id not in self._adapters:
+            raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}")
+        return self._adapters.get(adapter_id)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -168,6 +193,8 @@ class ModelEngine:
         in its place and does not affect the others.
         """
         results: list[ForwardBackwardOutput | Exception | None] = [None] * len(items)
+        known = [item.adapter_id for item in items if item.adapter_id in self._adapters]
+        self._adapters.acquire(known)  # every adapter of this pass in a slot at once
         prepared: list[PreparedItem] = []
         positions: list[int] = []
         for i, item in enumerate(items):
@@ -180,7 +207,7 @@ class ModelEngine:
             except Exception as e:
                 results[i] = e
         if prepared:
-            by_key = {a.key: a for a in self._adapters.values()}
+            by_key = {a.key: a for a in self._adapters.resident()}
             try:
                 outputs = forward_backward_batch(self.model, self.routing, prepared, by_key)
             except Exception as e:  # the shared pass failed (e.g. out of memory): all of it failed
@@ -275,45 +302,29 @@ class ModelEngine:
     # -- samplers ---------------------------------------------------------------------------
 
     def snapshot_sampler(self, adapter_id: str, sampler_id: str) -> None:
-        """Register a frozen copy of the adapter's current weights for sampling as ``sampler_id``."""
-        adapter = self._adapter(adapter_id)
-        weights = {path: (A.detach().clone(), B.detach().clone()) for path, (A, B) in adapter.weights.items()}
-        self._register_sampler(sampler_id, weights, adapter.scaling)
+        """Publish a frozen copy of the adapter's current weights for sampling as ``sampler_id``."""
+        self._add_sampler(sampler_id, self._checkpoint(self._adapter(adapter_id)))
 
     def load_sampler(self, sampler_id: str, directory: Path) -> None:
-        """Register a sampler from a PEFT adapter directory."""
+        """Publish the PEFT adapter in ``directory`` for sampling as ``sampler_id``."""
         checkpoint = checkpoints.read_checkpoint(directory)
-        weights = self._checked_weights(directory, checkpoint)
-        moved = {path: (A.to(self.device), B.to(self.device)) for path, (A, B) in weights.items()}
-        self._register_sampler(sampler_id, moved, checkpoint.scaling)
+        self._checked_weights(directory, checkpoint)
+        self._add_sampler(sampler_id, checkpoint)
 
-    def _register_sampler(
-        self, sampler_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float
-    ) -> None:
+    def _add_sampler(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
         if sampler_id in self._samplers:
             raise ValueError(f"sampler_id: {sampler_id!r} already exists")
-        key = _sample_key(sampler_id)
-        for path, (A, B) in weights.items():
-            self.layers[path].adapters[key] = LoraWeights(A, B, scaling)
+        self.sampler.add_adapter(sampler_id, checkpoint)
         self._samplers.add(sampler_id)
 
     def remove_sampler(self, sampler_id: str) -> None:
         if sampler_id not in self._samplers:
             raise KeyError(f"sampler_id: no sampler {sampler_id!r} on {self.model_name}")
-        key = _sample_key(sampler_id)
-        for layer in self.layers.values():
-            layer.adapters.pop(key, None)
+        self.sampler.remove_adapter(sampler_id)
         self._samplers.discard(sampler_id)
 
     def has_sampler(self, sampler_id: str) -> bool:
         return sampler_id in self._samplers
-
-    def _sampler_key(self, sampler_id: str | None) -> str | None:
-        if sampler_id is None:
-            return None
-        if sampler_id not in self._samplers:
-            raise KeyError(f"sampler_id: no sampler {sampler_id!r} on {self.model_name}")
-        return _sample_key(sampler_id)
 
     def _check_prompt(self, field: str, tokens: list[int], room: int) -> None:
         if not tokens:
@@ -329,6 +340,35 @@ class ModelEngine:
                 f"{field}[{bad}]: expected a token id in [0, {self.vocab_size}), got {tokens[bad]}"
             )
 
+    def submit_sample(
+        self,
+        sampler_id: str | None,
+        prompt: list[int],
+        num_samples: int,
+        params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Validate a sample request and queue it with the sampler; thread-safe, returns at once.
+
+        ``sampler_id`` None samples the base model. Invalid requests raise here (``ValueError``
+        or ``KeyError`` naming the field), before they can join a shared batch. With the torch
+        sampler the answer comes once the compute thread has stepped ``self.sampler`` enough.
+        """
+        if sampler_id is not None and sampler_id not in self._samplers:
+            raise KeyError(f"sampler_id: no sampler {sampler_id!r} on {self.model_name}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples}")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_context_length - len(prompt)
+        self._check_prompt("prompt", prompt, max(max_tokens, 1))
+        stop = StopCriteria.from_params(params, self.eos_token_ids, self._decode)
+        request = SampleRequest(
+            sampler_id, list(prompt), num_samples, params, max_tokens, stop, include_prompt_logprobs, topk_prompt_logprobs
+        )
+        return self.sampler.submit(request)
+
     def sample(
         self,
         sampler_id: str | None,
@@ -338,37 +378,20 @@ class ModelEngine:
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
     ) -> SampleResponse:
-        """Sample ``num_samples`` continuations of ``prompt`` (``sampler_id`` None: the base model)."""
-        key = self._sampler_key(sampler_id)
-        if num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples}")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_context_length - len(prompt)
-        self._check_prompt("prompt", prompt, max(max_tokens, 1))
-        stop = StopCriteria.from_params(params, self.eos_token_ids, self._decode)
-        return sample_tokens(
-            self.model,
-            self.routing,
-            key,
-            prompt,
-            num_samples,
-            params,
-            max_tokens,
-            stop,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
+        """``submit_sample`` and wait for the answer, stepping the sampler on this thread
+        (so it must be the compute thread, or a program with no scheduler)."""
+        future = self.submit_sample(
+            sampler_id, prompt, num_samples, params, include_prompt_logprobs, topk_prompt_logprobs
         )
+        while not future.done() and self.sampler.step():
+            pass
+        return future.result()
 
     def _decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=False))
 
-    @torch.no_grad()
     def compute_logprobs(self, sampler_id: str | None, tokens: list[int]) -> list[float | None]:
         """Log-probability of each token given the ones before it (None for the first)."""
-        key = self._sampler_key(sampler_id)
-        self._check_prompt("tokens", tokens, 0)
-        self.routing.set([Segment(key, 0, 1, False)])
-        logits = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=False).logits
-        values, _ = prompt_logprobs(logits[0], tokens)
-        return values
+        response = self.sample(sampler_id, tokens, 1, SamplingParams(max_tokens=1), include_prompt_logprobs=True)
+        assert response.prompt_logprobs is not None
+        return response.prompt_logprobs

@@ -1,33 +1,45 @@
-"""A torch sampler with a KV cache: prefill the prompt once, then decode all samples as a batch.
+"""The sampler interface, and the sampling semantics every sampler implements.
 
-This first version serves one request at a time; ``decode_step`` and ``choose_tokens`` already
-work on a batch of rows so that continuous batching can reuse them. Log-probabilities are
-always those of the raw model distribution (temperature 1, before top-k / top-p), in fp32,
-which is what the trainer computes for the same tokens.
+A ``ModelEngine`` owns one sampler, chosen by name (``SAMPLERS``):
+
+* ``torch`` (default): :class:`~tinker_backend.engine.batcher.SamplingBatcher`, continuous
+  batching on the engine's own weights and LoRA layers, stepped by the scheduler's compute
+  thread between training clock cycles;
+* ``vllm``: :class:`~tinker_backend.engine.vllm_sampler.VllmSampler`, vLLM's async engine with
+  multi-LoRA, running on its own thread (and its own copy of the base weights).
+
+Semantics shared by both (``SamplingParams``): a sequence ends at a stop token id (EOS
+included unless ``stop=[]``), or at the token that completes a stop string (kept), or after
+``max_tokens`` tokens. ``temperature=0`` is greedy; ``top_k`` and ``top_p`` truncate the
+tempered distribution. Log-probabilities are those of the raw model distribution (temperature
+1, before top-k / top-p), in fp32, which is what the trainer computes for the same tokens.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
 
-from tinker.types import SampledSequence, SampleResponse, SamplingParams
+from tinker.types import SampleResponse, SamplingParams
 
-from .lora import LoraRouting, Segment
+from ..checkpoints import AdapterCheckpoint
 
 __all__ = [
+    "SAMPLERS",
+    "SampleRequest",
+    "Sampler",
     "StopCriteria",
     "choose_tokens",
-    "decode_step",
     "prompt_logprobs",
-    "sample",
+    "row_generators",
+    "target_logprobs",
 ]
+
+SAMPLERS = ("torch", "vllm")
 
 
 @dataclass
@@ -67,24 +79,74 @@ class StopCriteria:
         return any(s in text for s in self.strings)
 
 
-@functools.cache
-def _cache_kwarg(forward: Callable[..., Any]) -> str:
-    # transformers >= 5.2x names the KV-cache argument ``cache``; earlier ones ``past_key_values``.
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+@dataclass
+class SampleRequest:
+    """One validated ``sample`` call, as the engine hands it to its sampler.
+
+    ``sampler_id`` None samples the base model. ``max_tokens`` is resolved (never None) and
+    ``prompt`` + ``max_tokens`` fits the model's context.
+    """
+
+    sampler_id: str | None
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    max_tokens: int
+    stop: StopCriteria
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.include_prompt_logprobs or self.topk_prompt_logprobs > 0
 
 
-def decode_step(model: PreTrainedModel, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Feed one new token per row ([rows, 1]) and return the next-token logits [rows, vocab]."""
-    out = model(
-        input_ids=tokens, use_cache=True, logits_to_keep=1, **{_cache_kwarg(type(model).forward): cache}
-    )
-    return out.logits[:, -1]
+class Sampler(Protocol):
+    """What a ``ModelEngine`` needs from a sampler.
+
+    ``add_adapter`` / ``remove_adapter`` run on the engine's compute thread, in the order of the
+    training calls that publish them; ``submit`` is thread-safe and returns at once. ``step`` is
+    how the compute thread lends time to a sampler that computes on it: the torch sampler does
+    one unit of work (a prefill chunk and a decode step) per call; the vLLM one never has work
+    there, as it runs on its own thread.
+    """
+
+    def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
+        """Serve ``checkpoint`` (a frozen copy: later training does not change it) as ``sampler_id``."""
+
+    def remove_adapter(self, sampler_id: str) -> None: ...
+
+    def submit(self, request: SampleRequest) -> Future[SampleResponse]: ...
+
+    def has_work(self) -> bool:
+        """Whether ``step`` has something to do now."""
+
+    def step(self) -> bool:
+        """Do one unit of work on the calling thread; return ``has_work()`` after it."""
+
+    def close(self) -> None: ...
+
+
+def row_generators(seed: int | None, n: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample of a request, derived from the request's ``seed``.
+
+    A sample's draws depend only on ``(seed, its index)``, never on the other rows that share a
+    batch, so a seed reproduces a request's tokens whatever else is being sampled.
+    """
+    root = torch.Generator()
+    if seed is None:
+        root.seed()
+    else:
+        root.manual_seed(seed)
+    seeds = torch.randint(0, 2**62, (n,), generator=root).tolist()
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def choose_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of ``logits`` [rows, vocab]; return (tokens, their raw logprobs)."""
+    """Pick one token per row of ``logits`` [rows, vocab], row ``i`` drawing from
+    ``generators[i]``; return (tokens, their raw logprobs)."""
     logits = logits.float()
     logprobs = logits.log_softmax(-1)
     if params.temperature == 0:
@@ -100,8 +162,27 @@ def choose_tokens(
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = torch.cat(
+            [torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generators)]
+        )
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def target_logprobs(
+    logits: torch.Tensor, targets: Sequence[int], topk: int = 0
+) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+    """Log-probability of ``targets[i]`` under ``logits[i]``, and, when ``topk > 0``, the ``topk``
+    most likely (token, logprob) pairs of each row. Only the first ``len(targets)`` rows are used."""
+    logprobs = logits[: len(targets)].float().log_softmax(-1)
+    ids = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
+    values: list[float] = logprobs.gather(-1, ids[:, None]).squeeze(-1).tolist()
+    if topk <= 0:
+        return values, None
+    top = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
+    pairs = [
+        list(zip(tok, lp, strict=True)) for tok, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
+    return values, pairs
 
 
 def prompt_logprobs(
@@ -109,84 +190,5 @@ def prompt_logprobs(
 ) -> tuple[list[float | None], list[list[tuple[int, float]] | None] | None]:
     """Log-probabilities of each prompt token given the ones before it (None at position 0),
     and, when ``topk > 0``, the ``topk`` most likely (token, logprob) pairs per position."""
-    logprobs = logits[: len(prompt) - 1].float().log_softmax(-1)
-    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
-    values: list[float | None] = [None, *logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()]
-    if topk <= 0:
-        return values, None
-    top = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
-    pairs: list[list[tuple[int, float]] | None] = [None]
-    for ids, lps in zip(top.indices.tolist(), top.values.tolist(), strict=True):
-        pairs.append(list(zip(ids, lps, strict=True)))
-    return values, pairs
-
-
-@torch.no_grad()
-def sample(
-    model: PreTrainedModel,
-    routing: LoraRouting,
-    adapter_key: str | None,
-    prompt: Sequence[int],
-    num_samples: int,
-    params: SamplingParams,
-    max_tokens: int,
-    stop: StopCriteria,
-    include_prompt_logprobs: bool = False,
-    topk_prompt_logprobs: int = 0,
-) -> SampleResponse:
-    """Sample ``num_samples`` continuations of ``prompt`` of at most ``max_tokens`` tokens each.
-
-    ``adapter_key`` (None: base model) is routed for every row. The prompt is prefilled once and
-    its cache repeated per sample. Draws come from one generator seeded with ``params.seed``, so
-    the same seed gives the same sequences.
-    """
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
-
-    want_prompt = include_prompt_logprobs or topk_prompt_logprobs > 0
-    routing.set([Segment(adapter_key, 0, 1, False)])
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=torch.tensor([list(prompt)], device=device),
-        use_cache=True,
-        logits_to_keep=0 if want_prompt else 1,
-        **{_cache_kwarg(type(model).forward): cache},
-    )
-    values, pairs = None, None
-    if want_prompt:
-        values, pairs = prompt_logprobs(out.logits[0], prompt, topk_prompt_logprobs)
-
-    cache.batch_repeat_interleave(num_samples)
-    routing.set([Segment(adapter_key, 0, num_samples, False)])
-    logits = out.logits[:, -1].expand(num_samples, -1)
-    tokens: list[list[int]] = [[] for _ in range(num_samples)]
-    logprobs: list[list[float]] = [[] for _ in range(num_samples)]
-    reasons: list[str | None] = [None] * num_samples
-    for step in range(max_tokens):
-        chosen, chosen_lp = choose_tokens(logits, params, generator)
-        for row, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), strict=True)):
-            if reasons[row] is not None:
-                continue
-            tokens[row].append(tok)
-            logprobs[row].append(lp)
-            if stop.is_done(tokens[row]):
-                reasons[row] = "stop"
-            elif step == max_tokens - 1:
-                reasons[row] = "length"
-        if all(reasons):
-            break
-        # Finished rows keep decoding (their tokens are ignored) so the batch shape stays fixed.
-        logits = decode_step(model, chosen[:, None], cache)
-    sequences = [
-        SampledSequence(stop_reason=reason, tokens=toks, logprobs=lps)
-        for reason, toks, lps in zip(reasons, tokens, logprobs, strict=True)
-    ]
-    return SampleResponse(
-        sequences=sequences,
-        prompt_logprobs=values if include_prompt_logprobs else None,
-        topk_prompt_logprobs=pairs,
-    )
+    values, pairs = target_logprobs(logits, prompt[1:], topk)
+    return [None, *values], None if pairs is None else [None, *pairs]

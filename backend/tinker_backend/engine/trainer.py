@@ -72,6 +72,17 @@ class TrainableAdapter:
         for path in self.weights:
             layers[path].adapters.pop(self.key, None)
 
+    def to(self, device: torch.device) -> None:
+        """Move weights, accumulated gradients and AdamW moments to ``device`` (in place)."""
+        for param in self.parameters():
+            param.data = param.data.to(device)
+            if param.grad is not None:
+                param.grad = param.grad.to(device)
+        for state in self.optimizer.state.values():
+            for name, value in state.items():
+                if torch.is_tensor(value) and name != "step":  # AdamW keeps `step` on the CPU
+                    state[name] = value.to(device)
+
     def reset_optimizer(self) -> None:
         self.optimizer = self._new_optimizer()
 

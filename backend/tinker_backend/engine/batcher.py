@@ -1,0 +1,378 @@
+"""The torch sampler: continuous batching over many requests and many LoRA adapters.
+
+Design (the simplest correct one with Hugging Face's ``DynamicCache``):
+
+* **One running batch.** Every sequence being generated, from any request and any adapter, is
+  one row of ONE ``DynamicCache``. Rows are LEFT-padded to a common length; a boolean mask
+  marks their real columns and each row carries its own position. Padded keys get attention
+  weight exactly 0 and RoPE sees true positions, so a row's logits are those it would get alone
+  (up to float rounding from different matmul blocking).
+* **Per-row adapters.** Rows are kept grouped by adapter, so the LoRA routing of a decode step is
+  one contiguous ``Segment`` per adapter and every adapter's delta is one matmul.
+* **Joining.** A new request is prefilled on its own (with its own cache), in chunks of at most
+  ``prefill_chunk`` tokens per step, so a long prompt never stalls the rows that are decoding.
+  When its prompt is done, each sample's first token is drawn from the last logits, the cache
+  is repeated once per sample and spliced into the running batch (the shorter side left-padded).
+* **Leaving.** A row that stops is dropped before the next step; columns that became padding
+  in every remaining row are trimmed.
+* **Stepping.** ``step()`` spends the prefill budget on waiting requests (FIFO), then runs ONE
+  decode step for all running rows. The scheduler calls it on the compute thread between
+  training clock cycles, so sampling and training take turns.
+
+Not done: prefill fused into the decode pass (needs variable-length attention), paged KV memory,
+prefix sharing between requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from tinker.types import SampledSequence, SampleResponse
+
+from ..checkpoints import AdapterCheckpoint
+from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
+from .sampler import SampleRequest, choose_tokens, row_generators, target_logprobs
+
+__all__ = ["SamplingBatcher"]
+
+logger = logging.getLogger("tinker_backend.sampler")
+
+
+def _routing_key(sampler_id: str | None) -> str | None:
+    return None if sampler_id is None else f"sample:{sampler_id}"
+
+
+@functools.cache
+def _cache_kwarg(forward: Callable[..., Any]) -> str:
+    # transformers >= 5.2x names the KV-cache argument ``cache``; earlier ones ``past_key_values``.
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@dataclass(eq=False)  # identity semantics: jobs key dicts
+class _Job:
+    """A request in flight: its prefill progress, then its rows."""
+
+    request: SampleRequest
+    future: Future[SampleResponse]
+    key: str | None
+    generators: list[torch.Generator]
+    prefilled: int = 0
+    cache: DynamicCache | None = None
+    last_logits: torch.Tensor | None = None
+    prompt_values: list[float | None] = field(default_factory=lambda: [None])
+    prompt_pairs: list[list[tuple[int, float]] | None] = field(default_factory=lambda: [None])
+    sequences: list[SampledSequence | None] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sample being generated: the token it feeds next and the position it is fed at."""
+
+    job: _Job
+    index: int
+    next_token: int
+    position: int
+    tokens: list[int]
+    logprobs: list[float]
+
+
+class SamplingBatcher:
+    """The continuous-batching torch sampler (implements ``Sampler``).
+
+    ``max_rows`` caps the running batch (a request waits until its samples fit);
+    ``prefill_chunk`` is the number of prompt tokens prefilled per step.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        routing: LoraRouting,
+        layers: dict[str, LoraLinear],
+        *,
+        max_rows: int = 256,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.model = model
+        self.routing = routing
+        self.layers = layers
+        self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk
+        self.device = next(model.parameters()).device
+        self._cache_kwarg = _cache_kwarg(type(model).forward)
+        self._inbox: collections.deque[_Job] = collections.deque()  # appended from any thread
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows, columns], True: real
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
+        key = _routing_key(sampler_id)
+        for path, (A, B) in checkpoint.weights.items():
+            # Copies: the training adapter the weights come from keeps changing in place.
+            A = A.detach().to(self.device, copy=True)
+            B = B.detach().to(self.device, copy=True)
+            self.layers[path].adapters[key] = LoraWeights(A, B, checkpoint.scaling)  # type: ignore[index]
+
+    def remove_adapter(self, sampler_id: str) -> None:
+        key = _routing_key(sampler_id)
+        queued = [*self._inbox, *self._waiting, *(row.job for row in self._rows)]
+        if any(job.key == key for job in queued):
+            raise ValueError(f"sampler_id: {sampler_id!r} still has requests in flight")
+        for layer in self.layers.values():
+            layer.adapters.pop(key, None)  # type: ignore[arg-type]
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, request: SampleRequest) -> Future[SampleResponse]:
+        if request.num_samples > self.max_rows:
+            raise ValueError(
+                f"num_samples: expected <= {self.max_rows} (the torch sampler's max_rows), got {request.num_samples}"
+            )
+        future: Future[SampleResponse] = Future()
+        generators = row_generators(request.params.seed, request.num_samples, self.device)
+        self._inbox.append(_Job(request, future, _routing_key(request.sampler_id), generators))
+        return future
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._waiting or self._rows)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        try:
+            while self._inbox:
+                self._waiting.append(self._inbox.popleft())
+            self._prefill()
+            if self._rows:
+                self._decode()
+        except Exception as e:  # a bug here must fail the requests, not hang them
+            logger.exception("sampling step failed; failing every request in flight")
+            for job in {*self._waiting, *(r.job for r in self._rows)}:
+                _fail(job, e)
+            self._waiting.clear()
+            self._drop_batch()
+        return self.has_work()
+
+    def close(self) -> None:
+        error = RuntimeError("the sampler was closed")
+        for job in [*self._inbox, *self._waiting, *(r.job for r in self._rows)]:
+            _fail(job, error)
+        self._inbox.clear()
+        self._waiting.clear()
+        self._drop_batch()
+
+    # -- prefill ----------------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while budget > 0 and self._waiting:
+            job = self._waiting[0]
+            if job.prefilled == 0 and len(self._rows) + job.request.num_samples > self.max_rows:
+                return  # FIFO: wait until the head request's samples fit
+            try:
+                budget -= self._prefill_chunk(job, budget)
+                if job.prefilled == len(job.request.prompt):
+                    self._waiting.popleft()
+                    self._start_rows(job)
+            except Exception as e:  # this request alone fails (e.g. an adapter that went away)
+                logger.exception("prefill failed")
+                if self._waiting and self._waiting[0] is job:
+                    self._waiting.popleft()
+                _fail(job, e)
+
+    def _prefill_chunk(self, job: _Job, budget: int) -> int:
+        prompt = job.request.prompt
+        start, stop = job.prefilled, min(len(prompt), job.prefilled + budget)
+        if job.cache is None:
+            job.cache = DynamicCache(config=self.model.config)
+        self.routing.set([Segment(job.key, 0, 1, False)])
+        out = self.model(
+            input_ids=torch.tensor([prompt[start:stop]], device=self.device),
+            use_cache=True,
+            logits_to_keep=0 if job.request.wants_prompt_logprobs else 1,
+            **{self._cache_kwarg: job.cache},
+        )
+        _check_plain_cache(job.cache)
+        logits = out.logits[0]
+        if job.request.wants_prompt_logprobs:
+            # Position i predicts prompt[i + 1]; the last position predicts the first sample.
+            values, pairs = target_logprobs(logits, prompt[start + 1 : stop + 1], job.request.topk_prompt_logprobs)
+            job.prompt_values.extend(values)
+            if pairs is not None:
+                job.prompt_pairs.extend(pairs)
+        job.last_logits = logits[-1]
+        job.prefilled = stop
+        return stop - start
+
+    def _start_rows(self, job: _Job) -> None:
+        """Draw each sample's first token, then splice the still-running samples into the batch."""
+        request = job.request
+        assert job.last_logits is not None and job.cache is not None
+        logits = job.last_logits.expand(request.num_samples, -1)
+        tokens, logprobs = choose_tokens(logits, request.params, job.generators)
+        job.sequences = [None] * request.num_samples
+        rows = []
+        for i, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist(), strict=True)):
+            row = _Row(job, i, token, len(request.prompt), [token], [logprob])
+            if not self._finish_if_done(row):
+                rows.append(row)
+        cache, job.cache, job.last_logits = job.cache, None, None
+        if not rows:
+            return
+        cache.batch_repeat_interleave(len(rows))
+        self._insert(rows, cache)
+
+    # -- the running batch ------------------------------------------------------------------
+
+    def _insert(self, rows: list[_Row], cache: DynamicCache) -> None:
+        """Splice ``rows`` (all of one adapter) and their cache into the batch, after the rows
+        of the same adapter so that each adapter's rows stay contiguous."""
+        key = rows[0].job.key
+        at = next((i + 1 for i in range(len(self._rows) - 1, -1, -1) if self._rows[i].job.key == key), len(self._rows))
+        new_length = cache.get_seq_length()
+        new_mask = torch.ones(len(rows), new_length, dtype=torch.bool, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, new_mask, rows
+            return
+        length = max(self._mask.shape[1], new_length)
+        old_pad, new_pad = length - self._mask.shape[1], length - new_length
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old_keys, old_values = _left_pad(old.keys, old_pad), _left_pad(old.values, old_pad)
+            old.keys = torch.cat([old_keys[:at], _left_pad(new.keys, new_pad), old_keys[at:]])
+            old.values = torch.cat([old_values[:at], _left_pad(new.values, new_pad), old_values[at:]])
+        mask = F.pad(self._mask, (old_pad, 0), value=False)
+        self._mask = torch.cat([mask[:at], F.pad(new_mask, (new_pad, 0), value=False), mask[at:]])
+        self._rows[at:at] = rows
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at ``keep`` and trim the columns that are now padding in all of them."""
+        if not keep:
+            self._drop_batch()
+            return
+        assert self._cache is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask[index]
+        first = int(mask.any(0).int().argmax())  # leading columns that no row uses
+        self._mask = mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._rows = [self._rows[i] for i in keep]
+
+    def _drop_batch(self) -> None:
+        self._rows, self._cache = [], None
+        self._mask = self._mask[:0, :0]
+
+    def _segments(self) -> list[Segment]:
+        segments: list[Segment] = []
+        for i, row in enumerate(self._rows):
+            if segments and segments[-1].adapter == row.job.key:
+                segments[-1] = segments[-1]._replace(stop=i + 1)
+            else:
+                segments.append(Segment(row.job.key, i, i + 1, False))
+        return segments
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        """One decode step for every running row."""
+        rows = self._rows
+        self._mask = F.pad(self._mask, (0, 1), value=True)
+        self.routing.set(self._segments())
+        try:
+            out = self.model(
+                input_ids=torch.tensor([[r.next_token] for r in rows], device=self.device),
+                attention_mask=self._mask.long(),
+                position_ids=torch.tensor([[r.position] for r in rows], device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: self._cache},
+            )
+        except Exception as e:  # the shared pass failed (e.g. out of memory): all its requests fail
+            logger.exception("decode step failed")
+            for job in {r.job for r in rows}:
+                _fail(job, e)
+            self._drop_batch()
+            return
+        logits = out.logits[:, -1]
+        keep = []
+        for job, indices in _by_job(rows).items():
+            tokens, logprobs = choose_tokens(
+                logits[indices[0] : indices[-1] + 1], job.request.params, [job.generators[rows[i].index] for i in indices]
+            )
+            for i, token, logprob in zip(indices, tokens.tolist(), logprobs.tolist(), strict=True):
+                row = rows[i]
+                row.position += 1
+                row.next_token = token
+                row.tokens.append(token)
+                row.logprobs.append(logprob)
+                if not self._finish_if_done(row):
+                    keep.append(i)
+        if len(keep) < len(rows):
+            self._keep(keep)
+
+    def _finish_if_done(self, row: _Row) -> bool:
+        """Record ``row``'s sequence if its last token ends it; answer the request when it was the last."""
+        request = row.job.request
+        if request.stop.is_done(row.tokens):
+            reason = "stop"
+        elif len(row.tokens) >= request.max_tokens:
+            reason = "length"
+        else:
+            return False
+        job = row.job
+        job.sequences[row.index] = SampledSequence(stop_reason=reason, tokens=row.tokens, logprobs=row.logprobs)
+        if all(s is not None for s in job.sequences):
+            _answer(job)
+        return True
+
+
+def _by_job(rows: list[_Row]) -> dict[_Job, list[int]]:
+    """Row indices per job; a job's rows are contiguous (they are inserted and removed in blocks)."""
+    groups: dict[_Job, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.job, []).append(i)
+    return groups
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad ``t`` [rows, heads, length, dim] with ``n`` zero columns on the left of ``length``."""
+    return F.pad(t, (0, 0, n, 0)) if n else t
+
+
+def _check_plain_cache(cache: DynamicCache) -> None:
+    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if kinds:
+        raise NotImplementedError(
+            f"the torch sampler splices full-attention KV caches only; this model uses {sorted(kinds)} "
+            "(sliding-window or hybrid attention): use --sampler vllm"
+        )
+
+
+def _answer(job: _Job) -> None:
+    request = job.request
+    response = SampleResponse(
+        sequences=[s for s in job.sequences if s is not None],
+        prompt_logprobs=job.prompt_values if request.include_prompt_logprobs else None,
+        topk_prompt_logprobs=job.prompt_pairs if request.topk_prompt_logprobs > 0 else None,
+    )
+    if not job.future.done():
+        job.future.set_result(response)
+
+
+def _fail(job: _Job, error: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)

@@ -1,0 +1,47 @@
+"""Capacity limits of a backend, set with ``tinker-server`` options (one per field)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+_HELP = {
+    "max_lora_rank": "largest LoRA rank a run may ask for",
+    "max_runs": "training runs kept per base model",
+    "adapter_slots": "adapters attached on the device at once (and most runs per clock cycle)",
+    "host_adapters": "adapters out of a slot kept in host memory; older ones go to disk",
+    "max_tokens_per_cycle": "tokens of forward/backward work merged into one clock cycle",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit the engine enforces (meanings in ``_HELP``); an error that hits one states it."""
+
+    max_lora_rank: int = 256
+    max_runs: int = 4096
+    adapter_slots: int = 64
+    host_adapters: int = 256
+    max_tokens_per_cycle: int = 16384
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            minimum = 0 if field.name == "host_adapters" else 1
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{field.name}: expected an int >= {minimum}, got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per limit, e.g. ``--adapter-slots 16``."""
+    for field in fields(Limits):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int,
+            default=field.default,
+            help=f"{_HELP[field.name]} (default {field.default})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> Limits:
+    return Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})

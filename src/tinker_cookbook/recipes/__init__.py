@@ -1,0 +1,1 @@
+"""Runnable recipes: ``python -m tinker_cookbook.recipes.NAME key=value ...`` (see README.md)."""

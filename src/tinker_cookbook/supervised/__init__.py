@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: datasets of weighted token sequences and a pipelined training loop."""

@@ -1,0 +1,112 @@
+"""Conformance tests: the OFFICIAL ``tinker`` SDK (0.38.0) and ``tinker-cookbook`` (0.6.1)
+against a real ``tinker-server`` on loopback. Run them with ``nox -s compat``.
+
+Our client package is also called ``tinker``, so the two never share a process:
+
+* this test process imports the official SDK, which is installed in the compat venv;
+* the server runs as a subprocess with ``PYTHONPATH=<repo>/src:<repo>/backend``, so that
+  there ``tinker`` is ours. Its interpreter is ``$TINKER_COMPAT_SERVER_PYTHON`` (a venv with
+  this repo installed, e.g. ``/work/venv/bin/python``), by default this one: the compat venv
+  also holds the server's dependencies (``pip install -e .``).
+
+In any other environment (``import tinker`` is our client) these tests are not collected.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SDK_VERSION = "0.38.0"
+TINY = "tiny-llama"
+API_KEY = "tml-compat-tests"
+
+
+def _official_sdk_installed() -> bool:
+    try:
+        return importlib.metadata.version("tinker") == SDK_VERSION
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+if not _official_sdk_installed():
+    collect_ignore_glob = ["test_*.py"]
+
+# The main server: small limits, so that cheap tests reach chunking, long-poll timeouts,
+# "complete_metadata" answers and zstd bodies.
+MAIN_SERVER_SETTINGS = {
+    "TINKER_COMPAT_LONG_POLL_S": "1",
+    "TINKER_COMPAT_FWDBWD_MAX_CHUNK_LEN": "4",
+    "TINKER_COMPAT_INLINE_RESULT_BYTES": "1024",
+    "TINKER_COMPAT_COMPRESS_FWDBWD": "1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_python() -> str:
+    return os.environ.get("TINKER_COMPAT_SERVER_PYTHON", sys.executable)
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    """The environment of a server subprocess: our packages first on the path, then ``settings``."""
+    path = os.pathsep.join([str(REPO / "src"), str(REPO / "backend")])
+    return {**os.environ, "PYTHONPATH": path, **settings}
+
+
+class CompatServer:
+    """A ``tinker-server`` subprocess on a free loopback port."""
+
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"server-{self.port}.log"
+        command = [server_python(), "-m", "tinker_backend.cli", "--port", str(self.port), "--data-dir", str(data_dir)]
+        self.proc = subprocess.Popen(
+            command, env=server_env(**settings), stdout=subprocess.DEVNULL, stderr=self.log.open("wb")
+        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tinker-server did not start:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def compat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompatServer]:
+    server = CompatServer(tmp_path_factory.mktemp("compat-server"), **MAIN_SERVER_SETTINGS)
+    yield server
+    assert server.stop() == 0, server.log.read_text()
+
+
+@pytest.fixture(autouse=True)
+def sdk_env(monkeypatch: pytest.MonkeyPatch, compat_server: CompatServer) -> None:
+    """Point every official client (including the cookbook's) at the server."""
+    monkeypatch.setenv("TINKER_BASE_URL", compat_server.base_url)
+    monkeypatch.setenv("TINKER_API_KEY", API_KEY)
