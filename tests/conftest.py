@@ -75,10 +75,21 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_service(
     backend_kind: str, request: pytest.FixtureRequest, embedded_dir: Path
-) -> Callable[[], tinker.ServiceClient]:
+) -> Iterator[Callable[[], tinker.ServiceClient]]:
     """A factory of ``ServiceClient``s for the parametrised backend (embedded or a real server)."""
+    created: list[tinker.ServiceClient] = []
     if backend_kind == "server":
         server: ServerProcess = request.getfixturevalue("server")
-        return lambda: tinker.ServiceClient(base_url=server.base_url)
-    os.environ.pop("TINKER_BASE_URL", None)
-    return lambda: tinker.ServiceClient(data_dir=embedded_dir)
+        kwargs: dict[str, object] = {"base_url": server.base_url}
+    else:
+        os.environ.pop("TINKER_BASE_URL", None)
+        kwargs = {"data_dir": embedded_dir}
+
+    def make() -> tinker.ServiceClient:
+        service = tinker.ServiceClient(**kwargs)  # type: ignore[arg-type]
+        created.append(service)
+        return service
+
+    yield make
+    for service in created:
+        service.close().result(timeout=30)

@@ -178,3 +178,26 @@ def test_embedded_and_server_give_identical_results(server, embedded_dir):
     embedded = program(tinker.ServiceClient(data_dir=embedded_dir))
     remote = program(tinker.ServiceClient(base_url=server.base_url))
     assert embedded == remote
+
+
+def test_forward_backward_custom_matches_the_builtin_loss(make_service):
+    """A custom loss equal to cross_entropy must train exactly like cross_entropy."""
+    service = make_service()
+    builtin = service.create_lora_training_client(TINY, rank=4, seed=5)
+    custom = service.create_lora_training_client(TINY, rank=4, seed=5)
+    datum, _ = memorise_datum(builtin.get_tokenizer())
+
+    def nll(data, logprobs):
+        loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(data, logprobs, strict=True))
+        return loss, {"tokens:sum": float(sum(lp.numel() for lp in logprobs))}
+
+    for _ in range(3):
+        expected = builtin.forward_backward([datum], "cross_entropy")
+        builtin.optim_step(AdamParams(learning_rate=1e-2))
+        got = custom.forward_backward_custom([datum], nll)
+        custom.optim_step(AdamParams(learning_rate=1e-2))
+        assert got.result().metrics["loss:sum"] == pytest.approx(expected.result().metrics["loss:sum"], rel=1e-5)
+        assert got.result().metrics["tokens:sum"] == datum.model_input.length
+    after_builtin = builtin.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    after_custom = custom.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert after_custom == pytest.approx(after_builtin, rel=1e-4)
