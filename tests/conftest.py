@@ -28,8 +28,8 @@ def free_port() -> int:
 class ServerProcess:
     """A ``tinker-server`` subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, data_dir: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}.log"
         self.proc = subprocess.Popen(
@@ -93,3 +93,28 @@ def make_service(
     yield make
     for service in created:
         service.close().result(timeout=30)
+
+
+# Tenants of ``keyed_server``: owner -> API key (its keys file maps each key to its owner).
+TENANT_KEYS = {name: f"tml-{name}-{'k' * 24}" for name in ("alice", "bob", "carol", "dave", "eve", "frank", "mallory")}
+# Its per-key limits, small enough for tests to reach.
+KEYED_LIMITS = {"runs": 3, "pending": 6, "storage": 600_000, "request_bytes": 8 * 2**20}
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with API keys (``TENANT_KEYS``) and per-key limits (``KEYED_LIMITS``)."""
+    root = tmp_path_factory.mktemp("keyed-server")
+    keys_file = root / "keys"
+    keys_file.write_text("".join(f"{key} {owner}\n" for owner, key in TENANT_KEYS.items()))
+    proc = ServerProcess(
+        root / "data",
+        "--keys-file", str(keys_file),
+        "--max-runs-per-key", str(KEYED_LIMITS["runs"]),
+        "--max-pending-per-key", str(KEYED_LIMITS["pending"]),
+        "--max-storage-per-key", str(KEYED_LIMITS["storage"]),
+        "--max-request-bytes", str(KEYED_LIMITS["request_bytes"]),
+    )
+    proc.keys_file = keys_file  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()

@@ -1,4 +1,5 @@
-"""The torch sampler: logprobs agree with the trainer, and seeds, stops and truncation behave."""
+"""The torch sampler: logprobs agree with the trainer, seeds, stops and truncation behave, and
+continuous batching (mixed adapters, joining mid-flight, chunked prefill) changes no answer."""
 
 from __future__ import annotations
 
@@ -170,3 +171,84 @@ def test_bad_requests_raise_clear_errors(engine):
         engine.sample("nope", PROMPT, 1, params)
     with pytest.raises(ValueError, match="num_samples"):
         engine.sample("noisy", PROMPT, 0, params)
+
+
+# -- continuous batching --------------------------------------------------------------------
+
+MIXED = [  # (sampler, prompt, num_samples, params, include_prompt_logprobs, topk_prompt_logprobs)
+    ("noisy", PROMPT, 3, SamplingParams(max_tokens=20, seed=1, stop=[]), False, 0),
+    ("memo", None, 1, SamplingParams(max_tokens=40, temperature=0), False, 0),  # prompt: memo[:2]
+    (None, [7, 8, 9, 10, 11, 12, 13, 14, 15], 2, SamplingParams(max_tokens=12, seed=2, top_k=50, top_p=0.9, stop=[]), True, 2),
+    ("noisy", [3, 4], 2, SamplingParams(max_tokens=16, seed=3, temperature=0.7, stop=[]), True, 0),
+    ("memo", [99], 1, SamplingParams(max_tokens=6, seed=4, stop=[]), False, 3),
+]
+
+
+def mixed_requests(engine):
+    memo = memo_tokens(engine)
+    return [(s, memo[:2] if p is None else p, n, params, lp, k) for s, p, n, params, lp, k in MIXED]
+
+
+def drain(engine, futures):
+    while engine.sampler.step():
+        pass
+    return [f.result() for f in futures]
+
+
+def assert_same(response, reference):
+    assert [s.tokens for s in response.sequences] == [s.tokens for s in reference.sequences]
+    assert [s.stop_reason for s in response.sequences] == [s.stop_reason for s in reference.sequences]
+    for seq, ref in zip(response.sequences, reference.sequences, strict=True):
+        assert max_gap(seq.logprobs, ref.logprobs) < 1e-5
+    if reference.prompt_logprobs is not None:
+        assert max_gap(response.prompt_logprobs[1:], reference.prompt_logprobs[1:]) < 1e-5
+    assert (response.topk_prompt_logprobs is None) == (reference.topk_prompt_logprobs is None)
+
+
+def test_mixed_batch_equals_each_request_alone(engine):
+    """Requests of three adapters (and the base model), with different prompts, lengths and
+    sampling settings, some joining while others decode: each gets what it gets alone, and
+    its logprobs are the trainer's."""
+    requests = mixed_requests(engine)
+    alone = [engine.sample(*r) for r in requests]
+    futures = [engine.submit_sample(*r) for r in requests[:3]]
+    for _ in range(4):  # the first ones are decoding when the others join
+        engine.sampler.step()
+    futures += [engine.submit_sample(*r) for r in requests[3:]]
+    for response, reference in zip(drain(engine, futures), alone, strict=True):
+        assert_same(response, reference)
+    trainer_ids = {"noisy": "noisy", "memo": "memo", None: "base"}
+    for (sampler, prompt, *_), response in zip(requests, alone, strict=True):
+        for seq in response.sequences:
+            expected = trainer_logprobs(engine, trainer_ids[sampler], prompt + seq.tokens)[len(prompt) - 1 :]
+            assert max_gap(seq.logprobs, expected) < 1e-4
+
+
+def test_chunked_prefill_and_a_full_batch_change_nothing(engine):
+    requests = mixed_requests(engine)
+    alone = [engine.sample(*r) for r in requests]
+    batcher = engine.sampler
+    saved = batcher.prefill_chunk, batcher.max_rows
+    batcher.prefill_chunk, batcher.max_rows = 3, 3  # prompts take several steps; requests wait for room
+    try:
+        futures = [engine.submit_sample(*r) for r in requests]
+        for response, reference in zip(drain(engine, futures), alone, strict=True):
+            assert_same(response, reference)
+        with pytest.raises(ValueError, match="num_samples"):
+            engine.submit_sample("noisy", PROMPT, 4, SamplingParams(max_tokens=2))
+    finally:
+        batcher.prefill_chunk, batcher.max_rows = saved
+
+
+def test_a_removed_sampler_answers_what_was_queued(engine):
+    engine.snapshot_sampler("noisy", "short-lived")
+    params = SamplingParams(max_tokens=10, seed=5, stop=[])
+    reference = engine.sample("short-lived", PROMPT, 2, params)
+    future = engine.submit_sample("short-lived", PROMPT, 2, params)
+    engine.sampler.step()
+    engine.remove_sampler("short-lived")
+    [response] = drain(engine, [future])
+    assert_same(response, reference)
+    assert not any("sample:short-lived" in layer.adapters for layer in engine.layers.values())
+    with pytest.raises(KeyError, match="sampler_id"):
+        engine.submit_sample("short-lived", PROMPT, 1, params)

@@ -26,6 +26,7 @@ logger = logging.getLogger("tinker_backend.api")
 BACKEND_KEY = web.AppKey("backend", Backend)
 SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 MAX_REQUEST_BYTES_KEY = web.AppKey("max_request_bytes", int)
+MAX_FRAME_HEADER = "X-Tinker-Max-Frame-Bytes"
 # Largest native frame accepted (a forward_backward of many long sequences fits easily).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 
@@ -43,6 +44,8 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
     backend = request.app[BACKEND_KEY]
     owner = auth.authenticate(request)  # the handshake itself is refused with 401 without a key
     ws = web.WebSocketResponse(max_msg_size=request.app[MAX_REQUEST_BYTES_KEY], heartbeat=30)
+    # A larger frame makes aiohttp close the connection (1009); clients check the limit first.
+    ws.headers[MAX_FRAME_HEADER] = str(request.app[MAX_REQUEST_BYTES_KEY])
     await ws.prepare(request)
     request.app[SOCKETS_KEY].add(ws)
     tasks: set[asyncio.Task[None]] = set()
@@ -91,10 +94,11 @@ def make_app(
     session_timeout_s: float | None = None,
     allow_local_models: bool = True,
     max_request_bytes: int = MAX_FRAME_BYTES,
+    sampler: str | None = None,
 ) -> web.Application:
     """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
     per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
-    and per HTTP body."""
+    and per HTTP body; ``sampler``: the sampling engine (``Backend``)."""
     app = web.Application(client_max_size=max_request_bytes, middlewares=[auth.auth_middleware])
     backend_holder: dict[str, Backend] = {}
 
@@ -105,6 +109,7 @@ def make_app(
             key_limits=key_limits,
             session_timeout_s=session_timeout_s,
             allow_local_models=allow_local_models,
+            sampler=sampler,
         )
         app[BACKEND_KEY] = backend_holder["backend"]
         app[auth.KEYRING_KEY] = auth.KeyRing(backend_holder["backend"].store, api_keys, keys_file)

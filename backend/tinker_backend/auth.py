@@ -167,7 +167,7 @@ async def auth_middleware(
 
 def _unauthorized(message: str) -> web.HTTPUnauthorized:
     return web.HTTPUnauthorized(
-        text=web.json_response({"error": message, "field": "X-API-Key", "category": "user"}).text,
+        text=web.json_response({"error": message, "category": "user"}).text,
         content_type="application/json",
         headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
     )

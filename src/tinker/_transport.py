@@ -31,6 +31,7 @@ HEARTBEAT_S = 20.0
 # RateLimitError is raised: work queues rather than fails. The server says how long to wait.
 RATE_LIMIT_TIMEOUT_S = 600.0
 _RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S = 1.0, 30.0
+_MAX_FRAME_HEADER = "X-Tinker-Max-Frame-Bytes"  # the server's frame size limit, in its handshake response
 
 
 class Transport(Protocol):
@@ -78,6 +79,11 @@ class EmbeddedTransport:
         """The shared backend outlives any one client; it stops with the process."""
 
 
+def _too_big(call_id: int, size: int, how: str) -> _wire.Failure:
+    message = f"request: expected an encoded request within the server's size limit, got {size} bytes{how}"
+    return _wire.Failure(call_id, 413, message, "user")
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "tinker"
 
@@ -88,6 +94,7 @@ class WebSocketTransport:
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.url = base_url.rstrip("/") + "/native/v1/ws"
         self._headers = {"X-API-Key": api_key} if api_key else {}
+        self._max_frame_bytes: int | None = None  # the server's, from its handshake response
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[bytes, asyncio.Future[Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -107,6 +114,13 @@ class WebSocketTransport:
             delay = min(reply.retry_after or _RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S)
             logger.info("rate limited (%s); sending %s again in %.1fs", reply.message, type(request).__name__, delay)
             await asyncio.sleep(delay)
+        if isinstance(reply, _wire.Failure) and reply.status == 413 and isinstance(request, _wire.TrainingRequest):
+            # The server never read it, but its seq_id must still take its place in the run's
+            # order, or every later request of the run waits on the gap: send a request the
+            # server refuses (no data) in its place.
+            await self._call_once(_wire.encoder.encode(_wire.ForwardBackward(
+                model_id=request.model_id, seq_id=request.seq_id, data=[], loss_fn="cross_entropy", forward_only=True
+            )))
         if isinstance(reply, _wire.Failure):
             raise_failure(reply)
         return _wire.decode_response(type(request), reply.payload)
@@ -118,6 +132,8 @@ class WebSocketTransport:
         self._pending[call_id] = (frame, done)
         try:
             ws = await self._connected()
+            if self._max_frame_bytes is not None and len(frame) > self._max_frame_bytes:
+                return _too_big(call_id, len(frame), f" (it accepts at most {self._max_frame_bytes})")
             await ws.send_bytes(frame)
             reply = await done
         except (aiohttp.ClientError, ConnectionError) as e:
@@ -145,16 +161,25 @@ class WebSocketTransport:
         if self._closed:
             raise APIConnectionError("the client is closed")
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            trace = aiohttp.TraceConfig()
+            trace.on_request_end.append(self._note_frame_limit)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), trace_configs=[trace]
+            )
         try:
             self._ws = await self._session.ws_connect(
                 self.url, headers=self._headers, heartbeat=HEARTBEAT_S, max_msg_size=0
             )
         except aiohttp.WSServerHandshakeError as e:
-            raise error_for_status(e.status, f"{self.url}: {e.message}") from e
+            hint = " (a missing or invalid API key: pass api_key= or set TINKER_API_KEY)" if e.status == 401 else ""
+            raise error_for_status(e.status, f"{self.url}: the server refused the connection with {e.status}{hint}") from e
         except (aiohttp.ClientError, OSError) as e:
             raise APIConnectionError(f"cannot connect to {self.url}: {e}") from e
         self._reader = asyncio.create_task(self._read(self._ws))
+
+    async def _note_frame_limit(self, session: object, context: object, params: aiohttp.TraceRequestEndParams) -> None:
+        limit = params.response.headers.get(_MAX_FRAME_HEADER)
+        self._max_frame_bytes = int(limit) if limit and limit.isdigit() else None
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for message in ws:
@@ -172,16 +197,10 @@ class WebSocketTransport:
     def _fail_largest_pending(self) -> None:
         """The server closed the connection because a frame was over its size limit: fail the
         largest frame not yet answered (it or a larger one did it), and re-send the others."""
-        waiting = [(len(frame), done) for frame, done in self._pending.values() if not done.done()]
+        waiting = [(len(frame), call_id, done) for call_id, (frame, done) in self._pending.items() if not done.done()]
         if waiting:
-            size, done = max(waiting, key=lambda item: item[0])
-            done.set_exception(
-                error_for_status(
-                    413,
-                    f"request: expected an encoded request within the server's size limit, got {size} bytes "
-                    "(the server closed the connection with 1009, message too big)",
-                )
-            )
+            size, call_id, done = max(waiting, key=lambda item: item[0])
+            done.set_result(_too_big(call_id, size, " (the server closed the connection with 1009, message too big)"))
 
     async def _reconnect_and_resend(self) -> None:
         loop = asyncio.get_running_loop()

@@ -57,7 +57,7 @@ def get_last_checkpoint(log_path: str | Path, required_key: str = "state_path") 
 
 def create_training_client(
     service_client: tinker.ServiceClient, log_path: str | Path, model_name: str, lora_rank: int,
-    load_checkpoint_path: str | None = None,
+    load_checkpoint_path: str | None = None, seed: int | None = None,
 ) -> tuple[tinker.TrainingClient, int]:
     """A training client and the step to start at.
 
@@ -71,4 +71,4 @@ def create_training_client(
         return client, int(last["step"])
     if load_checkpoint_path is not None:
         return service_client.create_training_client_from_state(load_checkpoint_path), 0
-    return service_client.create_lora_training_client(model_name, rank=lora_rank), 0
+    return service_client.create_lora_training_client(model_name, rank=lora_rank, seed=seed), 0

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import tinker
-
 from tinker_cookbook.renderers import Message, Renderer
 
 StopCondition: TypeAlias = list[str] | list[int]
@@ -101,7 +100,10 @@ class TinkerTokenCompleter(TokenCompleter):
                     seq = done.result().sequences[i]
                     waiter.set_result(TokensWithLogprobs(seq.tokens, seq.logprobs, seq.stop_reason))
 
-        task = asyncio.ensure_future(response.coroutine())
+        async def wait() -> tinker.SampleResponse:
+            return await response
+
+        task = asyncio.ensure_future(wait())
         self._in_flight.add(task)
         task.add_done_callback(deliver)
 

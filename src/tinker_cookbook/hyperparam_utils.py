@@ -19,17 +19,17 @@ LORA_OVER_FULL_FINETUNE_LR = 10.0
 _BASE_LR = 5e-5
 _EXPONENTS = {"llama": 0.781, "qwen": 0.0775}
 
-# Hidden sizes of models whose config may not be on this machine.
-_HIDDEN_SIZES = {
-    "tiny-llama": 128,
-    "HuggingFaceTB/SmolLM2-135M-Instruct": 576,
-    "meta-llama/Llama-3.2-1B": 2048,
-    "meta-llama/Llama-3.2-3B": 3072,
-    "meta-llama/Llama-3.1-8B": 4096,
-    "meta-llama/Llama-3.1-70B": 8192,
-    "Qwen/Qwen3-4B": 2560,
-    "Qwen/Qwen3-8B": 4096,
-    "Qwen/Qwen3-32B": 5120,
+# (hidden size, family) of models whose config may not be on this machine.
+_KNOWN = {
+    "tiny-llama": (128, "llama"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": (576, "llama"),
+    "meta-llama/Llama-3.2-1B": (2048, "llama"),
+    "meta-llama/Llama-3.2-3B": (3072, "llama"),
+    "meta-llama/Llama-3.1-8B": (4096, "llama"),
+    "meta-llama/Llama-3.1-70B": (8192, "llama"),
+    "Qwen/Qwen3-4B": (2560, "qwen"),
+    "Qwen/Qwen3-8B": (4096, "qwen"),
+    "Qwen/Qwen3-32B": (5120, "qwen"),
 }
 
 
@@ -49,8 +49,8 @@ def load_model_config(model_name: str) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
 
-def _family(model_name: str, config: Mapping[str, Any] | None) -> str:
-    text = (model_name + " " + str((config or {}).get("model_type", ""))).lower()
+def _family(model_name: str, config: Mapping[str, Any]) -> str:
+    text = (model_name + " " + str(config.get("model_type", ""))).lower()
     for family in ("qwen", "llama"):
         if family in text:
             return family
@@ -62,14 +62,15 @@ def _family(model_name: str, config: Mapping[str, Any] | None) -> str:
 
 def get_lr(model_name: str, is_lora: bool = True) -> float:
     """The recommended learning rate for ``model_name`` (LoRA by default)."""
-    config = None
-    hidden = _HIDDEN_SIZES.get(model_name)
-    if hidden is None:
+    if model_name in _KNOWN:
+        hidden, family = _KNOWN[model_name]
+    else:
         config = load_model_config(model_name)
-        hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
-        if not hidden:
+        found = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+        if not isinstance(found, int):
             raise ConfigurationError(f"model_name: {model_name!r} config has no hidden_size")
-    exponent = _EXPONENTS[_family(model_name, config)]
+        hidden, family = found, _family(model_name, config)
+    exponent = _EXPONENTS[family]
     return _BASE_LR * (LORA_OVER_FULL_FINETUNE_LR if is_lora else 1.0) * (2000 / hidden) ** exponent
 
 

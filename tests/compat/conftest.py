@@ -70,13 +70,15 @@ def server_env(**settings: str) -> dict[str, str]:
 
 
 class CompatServer:
-    """A ``tinker-server`` subprocess on a free loopback port."""
+    """A ``tinker-server`` subprocess on a free loopback port, which accepts the key ``API_KEY``."""
 
-    def __init__(self, data_dir: Path, **settings: str) -> None:
+    def __init__(self, data_dir: Path, *flags: str, **settings: str) -> None:
+        """``flags`` go on the command line, ``settings`` (``TINKER_COMPAT_*``) in the environment."""
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}.log"
-        command = [server_python(), "-m", "tinker_backend.cli", "--port", str(self.port), "--data-dir", str(data_dir)]
+        command = [server_python(), "-m", "tinker_backend.cli", "--port", str(self.port)]
+        command += ["--data-dir", str(data_dir), "--api-key", API_KEY, *flags]
         self.proc = subprocess.Popen(
             command, env=server_env(**settings), stdout=subprocess.DEVNULL, stderr=self.log.open("wb")
         )
@@ -105,8 +107,10 @@ def compat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompatSe
     assert server.stop() == 0, server.log.read_text()
 
 
-@pytest.fixture(autouse=True)
-def sdk_env(monkeypatch: pytest.MonkeyPatch, compat_server: CompatServer) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def sdk_env(compat_server: CompatServer) -> Iterator[None]:
     """Point every official client (including the cookbook's) at the server."""
-    monkeypatch.setenv("TINKER_BASE_URL", compat_server.base_url)
-    monkeypatch.setenv("TINKER_API_KEY", API_KEY)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TINKER_BASE_URL", compat_server.base_url)
+        env.setenv("TINKER_API_KEY", API_KEY)
+        yield

@@ -118,7 +118,9 @@ def test_a_forward_backward_big_enough_to_be_chunked(service: tinker.ServiceClie
     alone = [tc.forward([d], "cross_entropy").result() for d in data]
     assert [o["logprobs"].shape for o in whole.loss_fn_outputs] == [[d.model_input.length] for d in data]
     for merged, single in zip(whole.loss_fn_outputs, alone, strict=True):
-        np.testing.assert_allclose(merged["logprobs"].tolist(), single.loss_fn_outputs[0]["logprobs"].tolist(), atol=1e-4)
+        np.testing.assert_allclose(
+            merged["logprobs"].tolist(), single.loss_fn_outputs[0]["logprobs"].tolist(), atol=1e-4
+        )
     assert whole.metrics["loss:sum"] == pytest.approx(sum(a.metrics["loss:sum"] for a in alone), rel=1e-5)
 
 
@@ -170,7 +172,9 @@ def test_ephemeral_named_and_base_model_samplers(service: tinker.ServiceClient) 
     ids = [sequence.sequence_id for out in outs for sequence in out.sequences]
     assert len(set(ids)) == len(ids) and all(ids)
 
-    sampled = ephemeral.sample(prompt, 3, types.SamplingParams(max_tokens=4, seed=5, temperature=1.0)).result()
+    sampled = ephemeral.sample(
+        prompt, 3, types.SamplingParams(max_tokens=4, seed=5, temperature=1.0)
+    ).result()
     assert len(sampled.sequences) == 3 and all(1 <= len(s.tokens) <= 4 for s in sampled.sequences)
 
 
@@ -229,7 +233,9 @@ def test_rest_client(service: tinker.ServiceClient) -> None:
     assert (info.base_model, info.lora_rank, info.is_lora) == (TINY, 4, True)
 
     rest.set_checkpoint_ttl_from_tinker_path(state, 7200).result()
-    (with_ttl,) = [c for c in rest.list_checkpoints(tc.model_id).result().checkpoints if c.tinker_path == state]
+    (with_ttl,) = [
+        c for c in rest.list_checkpoints(tc.model_id).result().checkpoints if c.tinker_path == state
+    ]
     assert with_ttl.expires_at is not None
     rest.delete_checkpoint_from_tinker_path(sampler_path).result()
     assert [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [state]
@@ -276,17 +282,23 @@ def test_bad_input_is_refused_naming_the_field(service: tinker.ServiceClient) ->
         model_input=types.ModelInput.from_ints([1, vocab + 5]),
         loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]},
     )
-    with pytest.raises(tinker.RequestFailedError, match=r"data\[0\]\.model_input: expected token ids") as failed:
+    with pytest.raises(
+        tinker.RequestFailedError, match=r"data\[0\]\.model_input: expected token ids"
+    ) as failed:
         tc.forward_backward([out_of_vocab], "cross_entropy").result()
     assert failed.value.category == types.RequestErrorCategory.User
     with pytest.raises(tinker.RequestFailedError, match=r"loss_fn_inputs\['logprobs'\]: required by 'ppo'"):
         tc.forward_backward([datum], "ppo").result()
 
     image = types.Datum(
-        model_input=types.ModelInput(chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)]),
+        model_input=types.ModelInput(
+            chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)]
+        ),
         loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]},
     )
-    with pytest.raises(tinker.BadRequestError, match=r"data\[0\]\.model_input\.chunks\[0\]: expected an encoded_text"):
+    with pytest.raises(
+        tinker.BadRequestError, match=r"data\[0\]\.model_input\.chunks\[0\]: expected an encoded_text"
+    ):
         tc.forward_backward([image], "cross_entropy").result()
     with pytest.raises(tinker.BadRequestError, match="record_stability_info: not supported"):
         sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()

@@ -24,11 +24,12 @@ from aiohttp import web
 
 from tinker import _wire
 from tinker.types import ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, SampleResponse
-from tinker_backend import models
+from tinker_backend import auth, models
 from tinker_backend.compat import proto
 from tinker_backend.compat.futures import Entry, FutureTable
 from tinker_backend.compat.sessions import Session, Sessions
 from tinker_backend.errors import ServiceError
+from tinker_backend.tenancy import RateLimited
 
 if TYPE_CHECKING:
     from tinker_backend.service import Backend
@@ -68,10 +69,8 @@ class Config:
 
 
 def owner_of(request: web.Request) -> str:
-    """Who is calling. For now every ``tml-`` API key is the one local user."""
-    if not request.headers.get("X-API-Key", "").startswith("tml-"):
-        raise ServiceError(401, "X-API-Key: expected an API key starting with 'tml-'")
-    return "local"
+    """Who is calling: the owner of the request's API key (401 without a valid one)."""
+    return auth.authenticate(request)
 
 
 # --- JSON request bodies (unknown fields, such as the SDK's "type", are ignored) --------------
@@ -116,7 +115,6 @@ class SaveWeightsBody(_Body):
     path: str | None = None  # the checkpoint's name
     ttl_seconds: int | None = None
     sampling_session_seq_id: int | None = None  # save_weights_for_sampler without a name
-    kind: str = "snapshot"
 
 
 class LoadWeightsBody(_Body):
@@ -219,6 +217,10 @@ def _errors_as_json(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except RateLimited as e:  # the SDK waits this long, then sends the request again
+            response = _json(_error(e), status=e.status)
+            response.headers["Retry-After-Ms"] = str(int(e.retry_after * 1000))
+            return response
         except ServiceError as e:
             return _json(_error(e), status=e.status)
 
@@ -280,11 +282,21 @@ class TinkerHttpApi:
         finish: Callable[[Any], Any] | None = None,
     ) -> None:
         """Start the native request ``build()`` as ``request_id``, unless it is already known: a
-        re-sent submit (the SDK retries submits) is answered with the first one's request id."""
+        re-sent submit (the SDK retries submits) is answered with the first one's request id.
+        Over a per-key limit it is not started but refused with a 429, which the SDK retries."""
         if (owner, request_id) in self.futures:
             return
         native = build()
-        self.futures.submit(owner, request_id, lambda: self._call(native, owner, finish))
+        self.backend.check_admission(native, owner)
+        self.backend.store.add_future(request_id, owner)  # so that a restart can tell "lost" from "unknown"
+
+        async def run() -> Any:
+            try:
+                return await self._call(native, owner, finish)
+            finally:
+                self.backend.store.finish_future(request_id)
+
+        self.futures.submit(owner, request_id, run)
 
     def _start_ordered(
         self,
@@ -322,7 +334,6 @@ class TinkerHttpApi:
         return _json({})
 
     async def telemetry(self, request: web.Request) -> web.Response:
-        owner_of(request)
         return _json({"status": "accepted"})
 
     async def create_session(self, request: web.Request) -> web.Response:
@@ -335,7 +346,10 @@ class TinkerHttpApi:
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        self.sessions.heartbeat((await _body(request, SessionBody)).session_id, owner)
+        session_id = (await _body(request, SessionBody)).session_id
+        if self.sessions.finished(session_id, owner):  # a 410 stops the SDK's heartbeat loop
+            raise ServiceError(410, f"session_id: session {session_id!r} has finished")
+        await self._call(_wire.Heartbeat(session_id=session_id), owner)  # keeps the session's runs loaded
         return _json({"type": "session_heartbeat"})
 
     async def finish_session(self, request: web.Request) -> web.Response:
@@ -573,9 +587,7 @@ class TinkerHttpApi:
         body = await _body(request, RetrieveFutureBody)
         entry = await self.futures.wait(owner, body.request_id, self.config.long_poll_s)
         if entry is None:
-            raise ServiceError(
-                410, f"request_id: unknown request {body.request_id!r}, or its answer has expired"
-            )
+            raise ServiceError(410, self._gone(body.request_id, owner))
         if not entry.task.done():
             return _json({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
         error = entry.task.exception()
@@ -587,6 +599,15 @@ class TinkerHttpApi:
         if body.allow_metadata_only and len(payload) > self.config.inline_result_bytes:
             return _json({"status": "complete_metadata", "response_payload_size": len(payload)})
         return web.Response(body=payload, content_type=content_type)
+
+    def _gone(self, request_id: str, owner: str) -> str:
+        """Why there is no answer for ``request_id`` (always a 410: the SDK re-sends samples)."""
+        state = self.backend.store.future_state(request_id, owner)
+        if state == "lost":
+            return f"request_id: request {request_id!r} was lost (the server restarted while it ran); send it again"
+        if state is not None:
+            return f"request_id: the answer of {request_id!r} has expired (answers are kept {self.config.result_ttl_s:g} s)"
+        return f"request_id: unknown request {request_id!r}"
 
     @staticmethod
     def _encode(entry: Entry, protobuf: bool) -> str:
@@ -644,11 +665,8 @@ class TinkerHttpApi:
         return await self._rest(request, _convert(_wire.GetWeightsInfo, tinker_path=path))
 
     async def unsupported(self, request: web.Request) -> web.Response:
-        route = (
-            request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
-        )
         raise ServiceError(
-            404, f"{request.method} {route}: not supported by this server (see docs/compat.md)"
+            404, f"{request.method} {request.path}: not supported by this server (see docs/compat.md)"
         )
 
 

@@ -26,13 +26,14 @@ prefix sharing between requests.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch.nn import functional as F
@@ -50,8 +51,9 @@ __all__ = ["SamplingBatcher"]
 logger = logging.getLogger("tinker_backend.sampler")
 
 
-def _routing_key(sampler_id: str | None) -> str | None:
-    return None if sampler_id is None else f"sample:{sampler_id}"
+def _routing_key(sampler_id: str) -> str:
+    """Samplers live in the LoRA layers next to the training adapters (``train:<id>``)."""
+    return f"sample:{sampler_id}"
 
 
 @functools.cache
@@ -116,6 +118,8 @@ class SamplingBatcher:
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows, columns], True: real
+        self._keys: set[str] = set()  # routing keys of the published adapters
+        self._retiring: set[str] = set()  # routing keys to drop once no request uses them
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -125,15 +129,21 @@ class SamplingBatcher:
             # Copies: the training adapter the weights come from keeps changing in place.
             A = A.detach().to(self.device, copy=True)
             B = B.detach().to(self.device, copy=True)
-            self.layers[path].adapters[key] = LoraWeights(A, B, checkpoint.scaling)  # type: ignore[index]
+            self.layers[path].adapters[key] = LoraWeights(A, B, checkpoint.scaling)
+        self._keys.add(key)
 
     def remove_adapter(self, sampler_id: str) -> None:
-        key = _routing_key(sampler_id)
-        queued = [*self._inbox, *self._waiting, *(row.job for row in self._rows)]
-        if any(job.key == key for job in queued):
-            raise ValueError(f"sampler_id: {sampler_id!r} still has requests in flight")
-        for layer in self.layers.values():
-            layer.adapters.pop(key, None)  # type: ignore[arg-type]
+        """Drop the adapter once the requests already queued for it are answered."""
+        self._retiring.add(_routing_key(sampler_id))
+        self._retire()
+
+    def _retire(self) -> None:
+        in_use = {job.key for job in (*self._inbox, *self._waiting, *(row.job for row in self._rows))}
+        for key in self._retiring - in_use:
+            for layer in self.layers.values():
+                layer.adapters.pop(key, None)
+            self._keys.discard(key)
+        self._retiring &= in_use
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -144,7 +154,8 @@ class SamplingBatcher:
             )
         future: Future[SampleResponse] = Future()
         generators = row_generators(request.params.seed, request.num_samples, self.device)
-        self._inbox.append(_Job(request, future, _routing_key(request.sampler_id), generators))
+        key = None if request.sampler_id is None else _routing_key(request.sampler_id)
+        self._inbox.append(_Job(request, future, key, generators))
         return future
 
     def has_work(self) -> bool:
@@ -164,15 +175,16 @@ class SamplingBatcher:
                 _fail(job, e)
             self._waiting.clear()
             self._drop_batch()
+        if self._retiring:
+            self._retire()
         return self.has_work()
 
     def close(self) -> None:
+        """Fail every request in flight. Called at shutdown, possibly while a step is running on
+        the compute thread, so it only touches the futures (which are thread-safe)."""
         error = RuntimeError("the sampler was closed")
-        for job in [*self._inbox, *self._waiting, *(r.job for r in self._rows)]:
+        for job in {*self._inbox, *self._waiting, *(r.job for r in self._rows)}:
             _fail(job, error)
-        self._inbox.clear()
-        self._waiting.clear()
-        self._drop_batch()
 
     # -- prefill ----------------------------------------------------------------------------
 
@@ -197,6 +209,9 @@ class SamplingBatcher:
         prompt = job.request.prompt
         start, stop = job.prefilled, min(len(prompt), job.prefilled + budget)
         if job.cache is None:
+            if job.key is not None and job.key not in self._keys:
+                # Removed between the engine's check and this step: never sample without it.
+                raise KeyError(f"sampler_id: sampler {job.request.sampler_id!r} was removed")
             job.cache = DynamicCache(config=self.model.config)
         self.routing.set([Segment(job.key, 0, 1, False)])
         out = self.model(
@@ -249,7 +264,7 @@ class SamplingBatcher:
             return
         length = max(self._mask.shape[1], new_length)
         old_pad, new_pad = length - self._mask.shape[1], length - new_length
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+        for old, new in zip(_layers(self._cache), _layers(cache), strict=True):
             old_keys, old_values = _left_pad(old.keys, old_pad), _left_pad(old.values, old_pad)
             old.keys = torch.cat([old_keys[:at], _left_pad(new.keys, new_pad), old_keys[at:]])
             old.values = torch.cat([old_values[:at], _left_pad(new.values, new_pad), old_values[at:]])
@@ -267,7 +282,7 @@ class SamplingBatcher:
         mask = self._mask[index]
         first = int(mask.any(0).int().argmax())  # leading columns that no row uses
         self._mask = mask[:, first:]
-        for layer in self._cache.layers:
+        for layer in _layers(self._cache):
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         self._rows = [self._rows[i] for i in keep]
@@ -309,10 +324,10 @@ class SamplingBatcher:
             return
         logits = out.logits[:, -1]
         keep = []
-        for job, indices in _by_job(rows).items():
-            tokens, logprobs = choose_tokens(
-                logits[indices[0] : indices[-1] + 1], job.request.params, [job.generators[rows[i].index] for i in indices]
-            )
+        for indices in _by_sampling(rows):
+            params = rows[indices[0]].job.request.params
+            generators = [rows[i].job.generators[rows[i].index] for i in indices]
+            tokens, logprobs = choose_tokens(logits[torch.tensor(indices, device=self.device)], params, generators)
             for i, token, logprob in zip(indices, tokens.tolist(), logprobs.tolist(), strict=True):
                 row = rows[i]
                 row.position += 1
@@ -340,12 +355,13 @@ class SamplingBatcher:
         return True
 
 
-def _by_job(rows: list[_Row]) -> dict[_Job, list[int]]:
-    """Row indices per job; a job's rows are contiguous (they are inserted and removed in blocks)."""
-    groups: dict[_Job, list[int]] = {}
+def _by_sampling(rows: list[_Row]) -> list[list[int]]:
+    """Row indices grouped by how they sample (temperature, top_k, top_p): one batched draw each."""
+    groups: dict[tuple[float, int, float], list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(row.job, []).append(i)
-    return groups
+        params = row.job.request.params
+        groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
+    return list(groups.values())
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -362,6 +378,16 @@ def _check_plain_cache(cache: DynamicCache) -> None:
         )
 
 
+class _KV(Protocol):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _layers(cache: DynamicCache) -> list[_KV]:
+    """The cache's layers, as ``_check_plain_cache`` found them: plain [rows, heads, length, dim]."""
+    return cast(list[_KV], cache.layers)
+
+
 def _answer(job: _Job) -> None:
     request = job.request
     response = SampleResponse(
@@ -369,10 +395,11 @@ def _answer(job: _Job) -> None:
         prompt_logprobs=job.prompt_values if request.include_prompt_logprobs else None,
         topk_prompt_logprobs=job.prompt_pairs if request.topk_prompt_logprobs > 0 else None,
     )
-    if not job.future.done():
+    # A future can already be settled: cancelled by its caller, or failed by ``close``.
+    with contextlib.suppress(InvalidStateError):
         job.future.set_result(response)
 
 
 def _fail(job: _Job, error: BaseException) -> None:
-    if not job.future.done():
+    with contextlib.suppress(InvalidStateError):
         job.future.set_exception(error)

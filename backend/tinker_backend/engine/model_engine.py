@@ -82,8 +82,9 @@ class ModelEngine:
         wait in host memory (up to ``max_host_adapters``) and then on disk in ``offload_dir``.
 
         ``sampler`` is ``"torch"`` (continuous batching on this engine's weights) or ``"vllm"``
-        (vLLM's engine, which reads published adapters from files under ``sampler_dir``, a
-        temporary directory by default, and sizes its LoRA buffers for ``max_lora_rank``).
+        (vLLM's engine, which reads published adapters from files in ``sampler_dir``, a
+        directory it owns and empties at start, temporary by default, and sizes its LoRA
+        buffers for ``max_lora_rank``).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
@@ -112,8 +113,10 @@ class ModelEngine:
         if kind == "vllm":
             from .vllm_sampler import VllmSampler  # imports vllm: only when asked for
 
+            unembed = [path for path, layer in self.layers.items() if layer.kind == "unembed"]
+            targets = sorted({path.rpartition(".")[2] for path in self.layers} - {p.rpartition(".")[2] for p in unembed})
             dtype = cast(torch.dtype, self.model.dtype)
-            return VllmSampler(model_path, self.tokenizer, dtype, max_lora_rank, directory)
+            return VllmSampler(model_path, dtype, max_lora_rank, targets, unembed, directory)
         from .batcher import SamplingBatcher
 
         return SamplingBatcher(self.model, self.routing, self.layers)

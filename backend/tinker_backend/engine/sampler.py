@@ -146,7 +146,12 @@ def choose_tokens(
     logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of ``logits`` [rows, vocab], row ``i`` drawing from
-    ``generators[i]``; return (tokens, their raw logprobs)."""
+    ``generators[i]``; return (tokens, their raw logprobs).
+
+    A draw is by inverse CDF: one uniform number per row from its own generator, then one
+    batched ``searchsorted`` over the (tempered, truncated) distribution's CDF in float64. One
+    tiny random call per row is what keeps per-row generators cheap in a large batch.
+    """
     logits = logits.float()
     logprobs = logits.log_softmax(-1)
     if params.temperature == 0:
@@ -162,9 +167,13 @@ def choose_tokens(
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        tokens = torch.cat(
-            [torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generators)]
+        uniform = torch.cat(
+            [torch.rand(1, generator=g, device=logits.device, dtype=torch.float64) for g in generators]
         )
+        cdf = probs.double().cumsum(-1)
+        # right=True: the first token whose CDF exceeds the draw, so zero-mass tokens never win.
+        tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        tokens = tokens.clamp_(max=probs.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -7,8 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import tinker
 
+import tinker
 from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.renderers import Message, Renderer
 

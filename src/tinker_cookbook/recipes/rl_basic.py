@@ -29,7 +29,7 @@ class CLIConfig:
     max_steps: int = 12
     batch_size: int = 4
     group_size: int = 8
-    max_tokens: int = 8
+    max_tokens: int = 16
     learning_rate: float = 4e-4
     lora_rank: int = 16
     mode: Literal["sync", "stream", "async"] = "sync"
@@ -45,6 +45,7 @@ def build_config(cli: CLIConfig) -> train.Config:
         dataset_builder=MathDatasetBuilder("arithmetic", cli.batch_size, cli.group_size, n_batches=cli.max_steps),
         learning_rate=cli.learning_rate,
         max_tokens=cli.max_tokens,
+        remove_constant_reward_groups=True,  # groups where all answers tie carry no signal
         lora_rank=cli.lora_rank,
         max_steps=cli.max_steps,
         save_every=0,

@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import tinker
 
+import tinker
 from tinker_cookbook.recipes.math_rl.envs import ARITHMETIC_SYSTEM, arithmetic_problem
 from tinker_cookbook.recipes.math_rl.math_grading import grade_answer
 from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
@@ -35,7 +35,7 @@ class CLIConfig:
     batch_size: int = 4
     group_size: int = 8
     max_operand: int = 20
-    max_tokens: int = 8
+    max_tokens: int = 16
     learning_rate: float = 4e-4
     lora_rank: int = 16
     base_url: str | None = None

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from importlib import resources
 
 import tinker
-
 from tinker_cookbook.eval.evaluators import compute_mean_nll
 from tinker_cookbook.renderers import TrainOnWhat, get_recommended_renderer_name, get_renderer
 from tinker_cookbook.supervised.data import conversation_to_datum, load_conversations_jsonl
@@ -46,8 +45,7 @@ def main(cli: CLIConfig) -> None:
     training_client = service.create_lora_training_client(cli.model_name, rank=cli.lora_rank)
     renderer = get_renderer(get_recommended_renderer_name(cli.model_name), training_client.get_tokenizer())
 
-    path = resources.files("tinker_cookbook") / "example_data" / "conversations.jsonl"
-    conversations = load_conversations_jsonl(str(path))
+    conversations = load_conversations_jsonl(str(resources.files("tinker_cookbook") / "example_data" / "conversations.jsonl"))
     rng = random.Random(0)
     for step in range(cli.max_steps):
         batch = rng.sample(conversations, cli.batch_size)
@@ -59,8 +57,7 @@ def main(cli: CLIConfig) -> None:
         optim.result()
         ml_logger.log_metrics({"train_mean_nll": nll, "learning_rate": lr}, step=step)
 
-    path = training_client.save_weights_for_sampler("final").result().path
-    print(f"saved {path}")
+    print(f"saved {training_client.save_weights_for_sampler('final').result().path}")
     ml_logger.close()
 
 

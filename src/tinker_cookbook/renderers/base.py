@@ -16,7 +16,6 @@ from enum import StrEnum
 from typing import Any, NotRequired, TypeAlias, TypedDict
 
 import tinker
-
 from tinker_cookbook.exceptions import RendererError
 
 Tokenizer: TypeAlias = Any  # a transformers tokenizer

@@ -64,7 +64,7 @@ class ChatMLRenderer(Renderer):
 
     def render_message(self, message: Message, ctx: RenderContext) -> RenderedMessage:
         header = self.encode(self.header_text(message, ctx))
-        return RenderedMessage(header, self.encode(self.content_text(message, ctx)) + [self.end_id])
+        return RenderedMessage(header, [*self.encode(self.content_text(message, ctx)), self.end_id])
 
     def get_stop_sequences(self) -> list[int]:
         return [self.end_id]
@@ -150,7 +150,7 @@ class Llama3Renderer(Renderer):
 
     def render_message(self, message: Message, ctx: RenderContext) -> RenderedMessage:
         header = self.encode(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n")
-        return RenderedMessage(header, self.encode(message["content"].strip()) + [self.eot_id])
+        return RenderedMessage(header, [*self.encode(message["content"].strip()), self.eot_id])
 
     def get_stop_sequences(self) -> list[int]:
         return [self.eot_id]

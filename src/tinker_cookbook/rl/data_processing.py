@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import tinker
 
+import tinker
 from tinker_cookbook.rl.types import Trajectory, TrajectoryGroup
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import tinker
-
 from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
 from tinker_cookbook.rl.metrics import compute_trajectory_metrics

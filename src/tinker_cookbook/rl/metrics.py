@@ -6,8 +6,8 @@ import asyncio
 from collections import defaultdict
 
 import numpy as np
-import tinker
 
+import tinker
 from tinker_cookbook.rl.types import TrajectoryGroup
 
 

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import tinker
-
 from tinker_cookbook.completers import StopCondition
 from tinker_cookbook.renderers import Message, Renderer
 from tinker_cookbook.rl.types import Action, Env, EnvGroupBuilder, Observation, StepResult

@@ -29,15 +29,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tinker
 
+import tinker
 from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
+from tinker_cookbook.exceptions import ConfigurationError
 from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
+from tinker_cookbook.rl.data_processing import (
+    assemble_training_data,
+    compute_advantages,
+    remove_constant_reward_groups,
+)
 from tinker_cookbook.rl.evaluators import RLTestSetEvaluator
-from tinker_cookbook.rl.data_processing import assemble_training_data, compute_advantages, remove_constant_reward_groups
-from tinker_cookbook.rl.metrics import compute_kl_sample_train, compute_trajectory_metrics, incorporate_kl_penalty
+from tinker_cookbook.rl.metrics import (
+    compute_kl_sample_train,
+    compute_trajectory_metrics,
+    incorporate_kl_penalty,
+)
 from tinker_cookbook.rl.rollouts import do_group_rollout
 from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder, TrajectoryGroup
 from tinker_cookbook.utils.misc import progress
@@ -86,6 +95,7 @@ class Config:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     wandb_project: str | None = None
+    seed: int | None = None  # LoRA initialisation; None: random
 
 
 class _Trainer:
@@ -144,8 +154,10 @@ class _Trainer:
             metrics.update(await evaluator(sampler))
         return metrics
 
-    def should(self, every: int, step: int, total: int) -> bool:
-        return every > 0 and step % every == 0 and step < total
+    def eval_due(self, step: int, total: int) -> bool:
+        """Evaluate before steps 0, eval_every, ... (the final evaluation is separate)."""
+        every = self.config.eval_every
+        return bool(self.evaluators) and every > 0 and step % every == 0 and step < total
 
     async def maybe_save(self, step_done: int, total: int) -> None:
         """After ``step_done`` optimizer steps: a periodic checkpoint (the final one is separate)."""
@@ -159,10 +171,10 @@ class _Trainer:
 async def main(config: Config) -> None:
     """Train for ``max_steps`` (or one pass over the dataset), logging to ``config.log_path``."""
     if config.stream_minibatch is not None and config.async_config is not None:
-        raise ValueError("stream_minibatch, async_config: pick one mode, got both")
+        raise ConfigurationError("stream_minibatch, async_config: pick one mode, got both")
     service = tinker.ServiceClient(base_url=config.base_url)
     training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path
+        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
     )
     await training_client
     ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)
@@ -197,7 +209,7 @@ async def _run_on_policy(trainer: _Trainer, start_step: int, total: int) -> None
         t0 = time.perf_counter()
         sampler = trainer.training_client.save_weights_and_get_sampling_client()
         metrics: dict[str, float] = {}
-        if trainer.should(trainer.config.eval_every, step, total):
+        if trainer.eval_due(step, total):
             metrics.update(await trainer.evaluate(sampler))
         t_sample = time.perf_counter()
         builders = trainer.dataset.get_batch(step)
@@ -252,24 +264,36 @@ async def _stream_step(trainer: _Trainer, builders: list[EnvGroupBuilder], sampl
     return done_P
 
 
+@dataclass
+class _LatestPolicy:
+    step: int
+    """The version of the latest sampler: the number of optimizer steps it has seen."""
+    sampler: tinker.SamplingClient
+    groups_started: int = 0
+
+
 async def _run_async(trainer: _Trainer, start_step: int, total: int, async_config: AsyncConfig) -> None:
     """Rollout workers sample from the latest sampler; the learner trains on finished groups."""
     groups_per_batch = len(trainer.dataset.get_batch(start_step))
     max_lag = async_config.max_steps_off_policy
-    state = {"step": start_step, "sampler": trainer.training_client.save_weights_and_get_sampling_client(), "started": 0}
+    state = _LatestPolicy(start_step, trainer.training_client.save_weights_and_get_sampling_client())
     changed = asyncio.Condition()
     finished: asyncio.Queue[TrajectoryGroup | Exception] = asyncio.Queue()
 
     async def worker() -> None:
         while True:
-            n = state["started"]
-            state["started"] += 1
+            n = state.groups_started
+            state.groups_started += 1
             batch = start_step + n // groups_per_batch
-            async with changed:  # do not run more than max_lag steps ahead of the learner
-                await changed.wait_for(lambda: state["step"] >= batch - max_lag)
+
+            def caught_up(batch: int = batch) -> bool:  # do not run more than max_lag steps ahead
+                return state.step >= batch - max_lag
+
+            async with changed:
+                await changed.wait_for(caught_up)
             builder = trainer.dataset.get_batch(batch % len(trainer.dataset))[n % groups_per_batch]
             try:
-                group = await do_group_rollout(builder, trainer.policy(state["sampler"]), state["step"])
+                group = await do_group_rollout(builder, trainer.policy(state.sampler), state.step)
             except Exception as e:  # hand it to the learner, which raises it
                 await finished.put(e)
                 return
@@ -280,8 +304,8 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
         for step in progress(range(start_step, total), desc="rl-async", total=total - start_step):
             t0 = time.perf_counter()
             metrics: dict[str, float] = {}
-            if trainer.should(trainer.config.eval_every, step, total):
-                metrics.update(await trainer.evaluate(state["sampler"]))
+            if trainer.eval_due(step, total):
+                metrics.update(await trainer.evaluate(state.sampler))
             groups_P: list[TrajectoryGroup] = []
             dropped = 0
             while len(groups_P) < groups_per_batch:
@@ -301,7 +325,7 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
             await new_sampler
             metrics["time/train"] = time.perf_counter() - t_train
             async with changed:
-                state["step"], state["sampler"] = step + 1, new_sampler
+                state.step, state.sampler = step + 1, new_sampler
                 changed.notify_all()
             await trainer.maybe_save(step + 1, total)
             metrics["async/dropped_stale"] = float(dropped)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 import tinker
-
 from tinker_cookbook.completers import StopCondition, TokensWithLogprobs
 from tinker_cookbook.renderers import Renderer
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tinker
-
 from tinker_cookbook.exceptions import DataError
 from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tinker
-
 from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.eval.evaluators import NLLEvaluator, TrainingClientEvaluator, compute_mean_nll
 from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
@@ -53,6 +52,7 @@ class Config:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     wandb_project: str | None = None
+    seed: int | None = None  # LoRA initialisation; None: random
 
 
 @dataclass
@@ -68,7 +68,7 @@ async def main(config: Config) -> None:
     """Train until the dataset's epochs or ``max_steps`` run out, logging to ``config.log_path``."""
     service = tinker.ServiceClient(base_url=config.base_url)
     training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path
+        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
     )
     await training_client
     ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)

@@ -14,6 +14,7 @@ DEFAULT_CURVES = (
     "reward/total",
     "test/reward/total",
     "env/all/correct",
+    "test/env/all/correct",
     "optim/kl_sample_train_v1",
     "kl_policy_base",
     "learning_rate",

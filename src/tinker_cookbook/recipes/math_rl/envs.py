@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from functools import partial
 
 from tinker_cookbook.exceptions import ConfigurationError
+from tinker_cookbook.recipes.math_rl.math_grading import grade_answer
 from tinker_cookbook.renderers import Message, Renderer
 from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder
 from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset
-from tinker_cookbook.recipes.math_rl.math_grading import grade_answer
 
 ARITHMETIC_SYSTEM = "You are a calculator. Reply with only the number."
 GSM_SYSTEM = "Solve the problem step by step, then give the final answer on the last line as 'Answer: <number>'."
@@ -21,15 +21,16 @@ GSM_SYSTEM = "Solve the problem step by step, then give the final answer on the 
 class MathEnv(ProblemEnv):
     """One question with a numeric reference answer; ``correct`` if the reply's final number matches.
 
-    With ``answer_only`` the format check requires the reply to be just a number.
+    The format check (on top of ending with a stop sequence) asks for a reply that is just a
+    number with ``answer_line=False`` (arithmetic), or an ``Answer:`` line with ``answer_line=True``.
     """
 
     def __init__(self, question: str, answer: str, renderer: Renderer, system_prompt: str,
-                 answer_only: bool = False, format_coef: float = 0.1) -> None:
+                 answer_line: bool = False, format_coef: float = 0.1) -> None:
         super().__init__(renderer, [Message(role="system", content=system_prompt)], format_coef)
         self.question = question
         self.answer = answer
-        self.answer_only = answer_only
+        self.answer_line = answer_line
 
     def get_question(self) -> str:
         return self.question
@@ -38,9 +39,9 @@ class MathEnv(ProblemEnv):
         return grade_answer(reply, self.answer)
 
     def check_format(self, reply: str) -> bool:
-        if self.answer_only:
-            return re.fullmatch(r"\s*-?\d+\s*", reply) is not None
-        return re.search(r"answer\s*:", reply, re.IGNORECASE) is not None
+        if self.answer_line:
+            return re.search(r"answer\s*:", reply, re.IGNORECASE) is not None
+        return re.fullmatch(r"\s*-?\d+\s*", reply) is not None
 
 
 def arithmetic_problem(rng: random.Random, max_operand: int) -> tuple[str, str]:
@@ -63,13 +64,13 @@ class MathDataset(RLDataset):
     """``batch_size`` problems per batch, each attempted ``group_size`` times."""
 
     def __init__(self, problems: list[tuple[str, str]], batch_size: int, group_size: int, renderer: Renderer,
-                 system_prompt: str, answer_only: bool, name: str) -> None:
+                 system_prompt: str, answer_line: bool, name: str) -> None:
         self.problems = problems
         self.batch_size = batch_size
         self.group_size = group_size
         self.renderer = renderer
         self.system_prompt = system_prompt
-        self.answer_only = answer_only
+        self.answer_line = answer_line
         self.name = name
 
     def __len__(self) -> int:
@@ -79,7 +80,7 @@ class MathDataset(RLDataset):
         batch = self.problems[index * self.batch_size : (index + 1) * self.batch_size]
         return [
             ProblemGroupBuilder(
-                partial(MathEnv, q, a, self.renderer, self.system_prompt, self.answer_only), self.group_size, self.name
+                partial(MathEnv, q, a, self.renderer, self.system_prompt, self.answer_line), self.group_size, self.name
             )
             for q, a in batch
         ]
@@ -107,12 +108,12 @@ class MathDatasetBuilder:
         raise ConfigurationError(f"env: expected 'arithmetic' or 'gsm', got {self.env!r}")
 
     def __call__(self, renderer: Renderer) -> tuple[MathDataset, MathDataset | None]:
-        system, answer_only = (ARITHMETIC_SYSTEM, True) if self.env == "arithmetic" else (GSM_SYSTEM, False)
+        system, answer_line = (ARITHMETIC_SYSTEM, False) if self.env == "arithmetic" else (GSM_SYSTEM, True)
         train = MathDataset(self.problems(self.batch_size * self.n_batches, self.seed), self.batch_size,
-                            self.group_size, renderer, system, answer_only, self.env)
+                            self.group_size, renderer, system, answer_line, self.env)
         test = None
         if self.test_size:
             # A different seed, so test problems are (mostly) unseen.
             test = MathDataset(self.problems(self.test_size, self.seed + 1_000_003), self.test_size, 1,
-                               renderer, system, answer_only, self.env)
+                               renderer, system, answer_line, self.env)
         return train, test

@@ -1,6 +1,7 @@
 """RL with verifiable math rewards on the library loop (``tinker_cookbook.rl.train``).
 
-``env=arithmetic``: generated sums ("What is 7 + 12?"), the reply must be just the number.
+``env=arithmetic``: generated sums ("What is 7 + 12?"), graded on the last number of the
+reply (the format bonus wants just the number).
 ``env=gsm``: GSM8K-style word problems from reasoning-gym's ``gsm_symbolic`` generator
 (offline; ``pip install reasoning-gym``), graded on the final number of the reply.
 Reward: ``correct + 0.1 * (format_ok - 1)``; GRPO advantages within each group of
@@ -33,9 +34,9 @@ class CLIConfig:
     max_steps: int = 12
     batch_size: int = 4
     group_size: int = 8
-    test_size: int = 32
+    test_size: int = 16
     max_operand: int = 20
-    max_tokens: int = 8
+    max_tokens: int = 16
     learning_rate: float = 4e-4
     lora_rank: int = 16
     loss_fn: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
@@ -66,6 +67,7 @@ def build_config(cli: CLIConfig) -> train.Config:
         ),
         learning_rate=cli.learning_rate,
         max_tokens=cli.max_tokens,
+        remove_constant_reward_groups=True,  # groups where all answers tie carry no signal
         lora_rank=cli.lora_rank,
         loss_fn=cli.loss_fn,
         kl_penalty_coef=cli.kl_penalty_coef,
