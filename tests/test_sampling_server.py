@@ -64,15 +64,16 @@ def _sampler_server(kind: str, data_dir: Path) -> ServerProcess:
                 os.environ[k] = v
 
 
-def _memorise(tc: tinker.TrainingClient, full: list[int], steps: int = 40) -> None:
+def _memorise(tc: tinker.TrainingClient, full: list[int], steps: int = 40) -> tinker.APIFuture[Any]:
+    """Queue ``steps`` training steps on ``full``; the returned future resolves after the last."""
     datum = Datum(
         model_input=ModelInput.from_ints(full[:-1]),
         loss_fn_inputs={"target_tokens": full[1:], "weights": [1.0] * (len(full) - 1)},
     )
     for _ in range(steps):
         tc.forward_backward([datum], "cross_entropy")
-        tc.optim_step(AdamParams(learning_rate=5e-3))
-    tc.forward([datum], "cross_entropy").result()  # every step above has run
+        last = tc.optim_step(AdamParams(learning_rate=5e-3))
+    return last
 
 
 @pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.vllm)])
@@ -92,8 +93,9 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         }
         untrained = clients["a"].save_weights_and_get_sampling_client()
         untrained_tokens = untrained.sample(ModelInput.from_ints(full["a"][:1]), 1, greedy(12)).result().sequences[0].tokens
-        for name, tc in clients.items():
-            _memorise(tc, full[name])
+        # Both runs' steps are queued before waiting, so they share the server's clock cycles.
+        for future in [_memorise(tc, full[name]) for name, tc in clients.items()]:
+            future.result()
         samplers = {name: tc.save_weights_and_get_sampling_client() for name, tc in clients.items()}
         yield Setup(kind, service, tokenizer, clients, samplers, full, untrained, untrained_tokens)
     finally:

@@ -189,29 +189,117 @@ class SamplingBatcher:
     # -- prefill ----------------------------------------------------------------------------
 
     def _prefill(self) -> None:
+        """Spend up to ``prefill_chunk`` prompt tokens on the waiting requests, in FIFO order.
+
+        New requests whose prompts fit the remaining budget are prefilled together in ONE
+        left-padded forward pass (on CPU a forward costs about the same for 1 or 32 rows);
+        a prompt longer than the budget is prefilled alone, a chunk per step.
+        """
         budget = self.prefill_chunk
+        room = self.max_rows - len(self._rows)
         while budget > 0 and self._waiting:
-            job = self._waiting[0]
-            if job.prefilled == 0 and len(self._rows) + job.request.num_samples > self.max_rows:
+            head = self._waiting[0]
+            if head.prefilled == 0 and head.request.num_samples > room:
                 return  # FIFO: wait until the head request's samples fit
+            group = self._fresh_group(budget, room)
+            jobs = group or [head]
             try:
-                budget -= self._prefill_chunk(job, budget)
-                if job.prefilled == len(job.request.prompt):
-                    self._waiting.popleft()
-                    self._start_rows(job)
-            except Exception as e:  # this request alone fails (e.g. an adapter that went away)
+                if group:
+                    budget -= len(group) * max(len(job.request.prompt) for job in group)
+                    self._prefill_together(group)
+                else:
+                    budget -= self._prefill_chunk(head, budget)
+                    if head.prefilled == len(head.request.prompt):
+                        self._waiting.popleft()
+                        assert head.cache is not None and head.last_logits is not None
+                        length = head.cache.get_seq_length()
+                        mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
+                        kv = [(layer.keys, layer.values) for layer in _layers(head.cache)]
+                        head.cache = None
+                        self._start_rows(head, head.last_logits, kv, mask)
+            except Exception as e:  # these requests alone fail (e.g. an adapter that went away)
                 logger.exception("prefill failed")
-                if self._waiting and self._waiting[0] is job:
-                    self._waiting.popleft()
+                for job in jobs:
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                    _fail(job, e)
+            room = self.max_rows - len(self._rows)
+
+    def _fresh_group(self, budget: int, room: int) -> list[_Job]:
+        """Pop the longest FIFO prefix of new requests that fits ``budget`` padded tokens and
+        ``room`` rows; empty if the head is not new or its prompt alone exceeds the budget."""
+        group: list[_Job] = []
+        width = 0
+        for job in self._waiting:
+            width_with = max(width, len(job.request.prompt))
+            rows = sum(j.request.num_samples for j in group) + job.request.num_samples
+            if job.prefilled or (len(group) + 1) * width_with > budget or rows > room:
+                break
+            group.append(job)
+            width = width_with
+        for _ in group:
+            self._waiting.popleft()
+        return group
+
+    def _check_adapter(self, job: _Job) -> None:
+        if job.key is not None and job.key not in self._keys:
+            # Removed between the engine's check and this step: never sample without it.
+            raise KeyError(f"sampler_id: sampler {job.request.sampler_id!r} was removed")
+
+    def _prefill_together(self, group: list[_Job]) -> None:
+        """One forward over the whole prompts of ``group``, left-padded, rows grouped by adapter."""
+        group.sort(key=lambda job: (job.key is not None, job.key or ""))  # stable: FIFO within an adapter
+        for job in list(group):
+            try:
+                self._check_adapter(job)
+            except KeyError as e:
+                group.remove(job)
                 _fail(job, e)
+        if not group:
+            return
+        width = max(len(job.request.prompt) for job in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.bool)
+        for row, job in enumerate(group):
+            prompt = job.request.prompt
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        segments: list[Segment] = []
+        for row, job in enumerate(group):
+            if segments and segments[-1].adapter == job.key:
+                segments[-1] = segments[-1]._replace(stop=row + 1)
+            else:
+                segments.append(Segment(job.key, row, row + 1, False))
+        self.routing.set(segments)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),  # true positions under the padding
+            use_cache=True,
+            logits_to_keep=0 if any(job.request.wants_prompt_logprobs for job in group) else 1,
+            **{self._cache_kwarg: cache},
+        )
+        _check_plain_cache(cache)
+        layers = _layers(cache)
+        for row, job in enumerate(group):
+            prompt = job.request.prompt
+            if job.request.wants_prompt_logprobs:
+                # Position i predicts prompt[i + 1]: the row's real positions are its last len(prompt).
+                values, pairs = target_logprobs(out.logits[row, width - len(prompt) :], prompt[1:], job.request.topk_prompt_logprobs)
+                job.prompt_values.extend(values)
+                if pairs is not None:
+                    job.prompt_pairs.extend(pairs)
+            kv = [(layer.keys[row : row + 1], layer.values[row : row + 1]) for layer in layers]
+            self._start_rows(job, out.logits[row, -1], kv, mask[row : row + 1])
 
     def _prefill_chunk(self, job: _Job, budget: int) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens) of one long prompt, in its own cache."""
         prompt = job.request.prompt
         start, stop = job.prefilled, min(len(prompt), job.prefilled + budget)
         if job.cache is None:
-            if job.key is not None and job.key not in self._keys:
-                # Removed between the engine's check and this step: never sample without it.
-                raise KeyError(f"sampler_id: sampler {job.request.sampler_id!r} was removed")
+            self._check_adapter(job)
             job.cache = DynamicCache(config=self.model.config)
         self.routing.set([Segment(job.key, 0, 1, False)])
         out = self.model(
@@ -232,11 +320,13 @@ class SamplingBatcher:
         job.prefilled = stop
         return stop - start
 
-    def _start_rows(self, job: _Job) -> None:
-        """Draw each sample's first token, then splice the still-running samples into the batch."""
+    def _start_rows(
+        self, job: _Job, last_logits: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+    ) -> None:
+        """Draw each sample's first token from ``last_logits``, then splice the samples that
+        go on into the batch with the prompt's cache ``kv`` (one row per layer) and ``mask``."""
         request = job.request
-        assert job.last_logits is not None and job.cache is not None
-        logits = job.last_logits.expand(request.num_samples, -1)
+        logits = last_logits.expand(request.num_samples, -1)
         tokens, logprobs = choose_tokens(logits, request.params, job.generators)
         job.sequences = [None] * request.num_samples
         rows = []
@@ -244,48 +334,60 @@ class SamplingBatcher:
             row = _Row(job, i, token, len(request.prompt), [token], [logprob])
             if not self._finish_if_done(row):
                 rows.append(row)
-        cache, job.cache, job.last_logits = job.cache, None, None
-        if not rows:
-            return
-        cache.batch_repeat_interleave(len(rows))
-        self._insert(rows, cache)
+        job.last_logits = None
+        if rows:
+            n = len(rows)
+            self._insert(rows, [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv], mask.expand(n, -1))
 
     # -- the running batch ------------------------------------------------------------------
 
-    def _insert(self, rows: list[_Row], cache: DynamicCache) -> None:
-        """Splice ``rows`` (all of one adapter) and their cache into the batch, after the rows
-        of the same adapter so that each adapter's rows stay contiguous."""
+    def _insert(self, rows: list[_Row], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Splice ``rows`` (all of one adapter), their per-layer (keys, values) and their mask
+        into the batch, after the rows of the same adapter so that each adapter's rows stay
+        contiguous. The shorter side is left-padded."""
+        if self._cache is None:
+            self._cache = DynamicCache(config=self.model.config)
+            for i, (keys, values) in enumerate(kv):
+                self._cache.update(keys.contiguous(), values.contiguous(), i)
+            self._mask, self._rows = mask.clone(), rows
+            self._trim()
+            return
         key = rows[0].job.key
         at = next((i + 1 for i in range(len(self._rows) - 1, -1, -1) if self._rows[i].job.key == key), len(self._rows))
-        new_length = cache.get_seq_length()
-        new_mask = torch.ones(len(rows), new_length, dtype=torch.bool, device=self.device)
-        if self._cache is None:
-            self._cache, self._mask, self._rows = cache, new_mask, rows
-            return
-        length = max(self._mask.shape[1], new_length)
-        old_pad, new_pad = length - self._mask.shape[1], length - new_length
-        for old, new in zip(_layers(self._cache), _layers(cache), strict=True):
-            old_keys, old_values = _left_pad(old.keys, old_pad), _left_pad(old.values, old_pad)
-            old.keys = torch.cat([old_keys[:at], _left_pad(new.keys, new_pad), old_keys[at:]])
-            old.values = torch.cat([old_values[:at], _left_pad(new.values, new_pad), old_values[at:]])
-        mask = F.pad(self._mask, (old_pad, 0), value=False)
-        self._mask = torch.cat([mask[:at], F.pad(new_mask, (new_pad, 0), value=False), mask[at:]])
+        length = max(self._mask.shape[1], mask.shape[1])
+        old_pad, new_pad = length - self._mask.shape[1], length - mask.shape[1]
+        for layer, (keys, values) in zip(_layers(self._cache), kv, strict=True):
+            old_keys, old_values = _left_pad(layer.keys, old_pad), _left_pad(layer.values, old_pad)
+            layer.keys = torch.cat([old_keys[:at], _left_pad(keys, new_pad), old_keys[at:]])
+            layer.values = torch.cat([old_values[:at], _left_pad(values, new_pad), old_values[at:]])
+        old_mask = F.pad(self._mask, (old_pad, 0), value=False)
+        self._mask = torch.cat([old_mask[:at], F.pad(mask, (new_pad, 0), value=False), old_mask[at:]])
         self._rows[at:at] = rows
+        self._trim()
 
     def _keep(self, keep: list[int]) -> None:
-        """Keep only the rows at ``keep`` and trim the columns that are now padding in all of them."""
+        """Keep only the rows at ``keep``."""
         if not keep:
             self._drop_batch()
             return
         assert self._cache is not None
         index = torch.tensor(keep, device=self.device)
-        mask = self._mask[index]
-        first = int(mask.any(0).int().argmax())  # leading columns that no row uses
-        self._mask = mask[:, first:]
+        self._mask = self._mask[index]
         for layer in _layers(self._cache):
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            layer.keys = layer.keys[index]
+            layer.values = layer.values[index]
         self._rows = [self._rows[i] for i in keep]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading columns that are padding in every row."""
+        first = int(self._mask.any(0).int().argmax())
+        if first:
+            assert self._cache is not None
+            self._mask = self._mask[:, first:]
+            for layer in _layers(self._cache):
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
 
     def _drop_batch(self) -> None:
         self._rows, self._cache = [], None

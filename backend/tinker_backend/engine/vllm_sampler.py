@@ -29,6 +29,7 @@ vLLM's own ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 2 here).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
@@ -115,11 +116,13 @@ class VllmSampler:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-sampler", daemon=True)
         self._thread.start()
+        self._engine: Any = None
         try:
             self._engine = self._call(self._start(model_path, dtype))
         except BaseException:
             self._stop_loop()
             raise
+        atexit.register(self.close)
 
     async def _start(self, model_path: Path, dtype: torch.dtype) -> Any:
         # Built on the loop thread so that vLLM's output handler runs on this loop.
@@ -257,8 +260,15 @@ class VllmSampler:
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        """Stop vLLM's engine core and loop; idempotent, and run at exit if nobody called it
+        (an embedded backend lives until the process ends)."""
+        atexit.unregister(self.close)
+        if self._engine is not None:
             self._engine.shutdown()
+            # Dropped now, while the interpreter is whole: AsyncLLM.__del__ shuts down again,
+            # which fails during interpreter teardown.
+            self._engine = None
+        if self._thread.is_alive():
             self._stop_loop()
         shutil.rmtree(self._directory, ignore_errors=True)
 

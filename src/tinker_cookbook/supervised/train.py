@@ -104,9 +104,10 @@ async def main(config: Config) -> None:
     for step in progress(range(start_step, total_steps), desc="sft", total=total_steps - start_step):
         eval_metrics = {}
         if evaluators and config.eval_every > 0 and step % config.eval_every == 0:
-            while pending:  # so that time/step does not count the evaluation
+            while pending:  # log the earlier steps first
                 await finish_oldest()
             eval_metrics = await evaluate()  # the weights before this step, like train_mean_nll
+            last_done = time.perf_counter()  # time/step leaves the evaluation out
         pending.append(_submit(training_client, train_data, step, total_steps, config))
         pending[-1].metrics.update(eval_metrics)
         while len(pending) > config.submit_ahead:
