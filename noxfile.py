@@ -75,11 +75,10 @@ def compat(session: nox.Session) -> None:
     of this repo does not shadow), and they start the server with ``PYTHONPATH=src:backend``,
     so that there ``tinker`` is ours (tests/compat/conftest.py). ``-e .`` brings the server's
     dependencies; ``TINKER_COMPAT_SERVER_PYTHON`` may name another venv's python for the server.
-    ``backports.zstd`` lets the server read zstd-compressed forward_backward bodies.
     """
     session.install(TORCH)  # alone and first, so that pip never picks a CUDA build
     session.install(
-        "-e", ".", OFFICIAL_SDK, *COOKBOOK_DEPS, "backports.zstd; python_version < '3.14'",
+        "-e", ".", OFFICIAL_SDK, *COOKBOOK_DEPS,
         "pytest", "pytest-asyncio", "pytest-timeout",
     )
     session.install("--no-deps", COOKBOOK)
