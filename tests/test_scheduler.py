@@ -123,3 +123,27 @@ async def test_cycle_limits_runs_and_tokens_and_nothing_starves():
     assert all(len(p) - 1 <= 2 for p in passes)  # never more than 2 runs or 2 tokens in a cycle
     assert sorted(run for p in passes for run in p[1:]) == ["a", "a", "b", "b", "c", "c"]
     scheduler.close()
+
+
+async def test_add_run_at_a_later_seq_id_starts_there(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    scheduler.add_run("r", next_seq=5)  # a run reloaded after answering seq_ids 1 to 4
+    assert await scheduler.submit("r", 5, barrier(engine, "resumed")) == "resumed"
+    with pytest.raises(ServiceError, match="already ran") as late:
+        scheduler.submit("r", 4, barrier(engine, "old"))
+    assert late.value.status == 409
+    scheduler.add_run("r", next_seq=1)  # a run that has a queue keeps it
+    assert scheduler.submit("r", 5, barrier(engine, "again")).result() == "resumed"
+    assert engine.calls == [("barrier", "resumed")]
+
+
+async def test_remove_run_fails_its_waiting_requests(engine_and_scheduler):
+    engine, scheduler = engine_and_scheduler
+    scheduler.add_run("r")
+    waiting = scheduler.submit("r", 2, barrier(engine, "never"))  # waits on the gap at seq_id 1
+    scheduler.remove_run("r", ServiceError(410, "model_id: gone"))
+    with pytest.raises(ServiceError, match="model_id: gone"):
+        await waiting
+    assert not scheduler.has_run("r") and scheduler.run_count() == 0
+    scheduler.remove_run("r", ServiceError(410, "twice"))  # an unknown run: nothing to do
+    assert engine.calls == []

@@ -11,6 +11,8 @@ _HELP = {
     "adapter_slots": "adapters attached on the device at once (and most runs per clock cycle)",
     "host_adapters": "adapters out of a slot kept in host memory; older ones go to disk",
     "max_tokens_per_cycle": "tokens of forward/backward work merged into one clock cycle",
+    "ephemeral_samplers_per_run": "in-memory samplers (save_weights_and_get_sampling_client) kept per "
+    "training run; making one more unloads its oldest",
 }
 
 
@@ -23,6 +25,7 @@ class Limits:
     adapter_slots: int = 64
     host_adapters: int = 256
     max_tokens_per_cycle: int = 16384
+    ephemeral_samplers_per_run: int = 8
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -117,8 +117,17 @@ class ModelScheduler:
         if self._sampling_pending():
             await asyncio.get_running_loop().run_in_executor(self._executor, self._sampler.step)
 
-    def add_run(self, run_id: str) -> None:
-        self._runs.setdefault(run_id, _RunQueue())
+    def add_run(self, run_id: str, next_seq: int = 1) -> None:
+        """Give ``run_id`` a queue whose first request is ``next_seq`` (a run reloaded after a
+        restart resumes after its last answered ``seq_id``). A run that has a queue keeps it."""
+        self._runs.setdefault(run_id, _RunQueue(next_seq=next_seq))
+
+    def remove_run(self, run_id: str, error: BaseException) -> None:
+        """Forget ``run_id``'s queue and its kept answers; the requests waiting in it fail with
+        ``error``. Work of the run already taken into a clock cycle still completes."""
+        queue = self._runs.pop(run_id, None)
+        for item in queue.pending.values() if queue is not None else ():
+            _settle(item.future, error)
 
     def run_count(self) -> int:
         return len(self._runs)

@@ -108,6 +108,8 @@ class Backend:
         self._loaded_runs: dict[str, RunRecord] = {}  # run id -> record, for runs in an engine
         self._restored_floor: dict[str, int] = {}  # run id -> its seq_ids up to this ran before a reload
         self._session_samplers: dict[str, set[str]] = {}  # session id -> loaded sampler ids
+        self._run_snapshots: dict[str, list[str]] = {}  # run id -> its loaded in-memory samplers, oldest first
+        self._evicted: dict[str, set[str]] = {}  # session id -> its in-memory samplers unloaded by the cap
         self._sweeper: asyncio.Task[None] | None = None
         self._schedulers: dict[str, ModelScheduler] = {}
         self._run_models: dict[str, str] = {}
@@ -458,6 +460,8 @@ class Backend:
             self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
             raise
         self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
+        if isinstance(request, _wire.SaveWeightsForSampler) and request.name is None:
+            await self._evict_snapshots(run)
         return result
 
     def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
@@ -548,6 +552,8 @@ class Backend:
         return work
 
     def _ephemeral_sampler_work(self, run: RunRecord, sampler_id: str | None, owner: str) -> Any:
+        """Snapshot the run's adapter into the in-memory sampler ``sampler_id`` (kept until its
+        session expires, or until the run has ``ephemeral_samplers_per_run`` newer ones)."""
         if sampler_id is None or not sampler_id.startswith(f"{run.session_id}:sample:"):
             raise ServiceError(
                 400, f"sampling_session_id: expected '{run.session_id}:sample:<n>', got {sampler_id!r}"
@@ -561,6 +567,7 @@ class Backend:
                     raise ServiceError(400, str(e)) from e
                 self._loaded_samplers.add(sampler_id)
                 self._session_samplers.setdefault(run.session_id, set()).add(sampler_id)
+                self._run_snapshots.setdefault(run.run_id, []).append(sampler_id)
                 self.store.add_sampler(
                     SamplerRecord(
                         sampler_id, run.session_id, owner, run.base_model, f"ephemeral://{run.run_id}", now_iso()
@@ -569,6 +576,35 @@ class Backend:
             return SaveWeightsForSamplerResponse(sampling_session_id=sampler_id)
 
         return work
+
+    async def _evict_snapshots(self, run: RunRecord) -> None:
+        """Unload the run's oldest in-memory samplers beyond ``ephemeral_samplers_per_run``.
+
+        An RL loop makes one per step; without the cap a long run would hold every one of them
+        until its session expires. Requests to an evicted one answer 410 (``_evicted_error``).
+        """
+        snapshots = self._run_snapshots.get(run.run_id, [])
+        while len(snapshots) > self.limits.ephemeral_samplers_per_run:
+            oldest = snapshots.pop(0)
+            self._evicted.setdefault(run.session_id, set()).add(oldest)
+            self._session_samplers.get(run.session_id, set()).discard(oldest)
+            try:
+                await self._unload_sampler(oldest)
+            except Exception:  # the snapshot just made is fine: its answer must not fail for this
+                logger.exception("unloading the evicted sampler %s failed", oldest)
+
+    def _evicted_error(self, sampler: SamplerRecord) -> ServiceError | None:
+        """The 410 for a sampler that ``_evict_snapshots`` unloaded, or None for any other."""
+        if sampler.sampler_id not in self._evicted.get(sampler.session_id, ()):
+            return None
+        keep = self.limits.ephemeral_samplers_per_run
+        return ServiceError(
+            410,
+            f"sampling_session_id: sampler {sampler.sampler_id!r} was evicted: each training run keeps only "
+            f"its newest {keep} in-memory snapshots from save_weights_and_get_sampling_client "
+            "(tinker-server --ephemeral-samplers-per-run). For a sampler that lasts, call "
+            "save_weights_for_sampler(name) and create_sampling_client(model_path=path)",
+        )
 
     # --- sampling -------------------------------------------------------------------------------
 
@@ -636,6 +672,9 @@ class Backend:
                 raise ServiceError(400, f"sampling_params.stop[{i}]: expected a token id < {engine.vocab_size}, got {stop}")
 
         def submit(engine: Any) -> Any:
+            evicted = self._evicted_error(sampler)  # evicted since the check above
+            if evicted is not None:
+                raise evicted
             try:
                 return engine.submit_sample(
                     adapter,
@@ -671,7 +710,7 @@ class Backend:
 
     def _loaded(self, run: RunRecord, scheduler: ModelScheduler, next_seq: int) -> None:
         """Bookkeeping once ``run``'s adapter is in the engine: its queue expects ``next_seq``."""
-        _start_run_at(scheduler, run.run_id, next_seq)
+        scheduler.add_run(run.run_id, next_seq=next_seq)
         self.ledger.start_order(run.run_id, next_seq)
         self._loaded_runs[run.run_id] = run
         self._run_models[run.run_id] = run.base_model
@@ -751,6 +790,9 @@ class Backend:
 
     async def _reload_sampler(self, sampler: SamplerRecord, owner: str) -> None:
         """Load a named sampler again from its checkpoint; in-memory snapshots cannot come back."""
+        evicted = self._evicted_error(sampler)
+        if evicted is not None:
+            raise evicted
         path = sampler.model_path or ""
         lost = (
             f"sampling_session_id: sampler {sampler.sampler_id!r} was lost when the server restarted or its "
@@ -786,6 +828,7 @@ class Backend:
                 if not self.ledger.is_expired(session_id):  # it was used while we waited
                     continue
                 self.ledger.forget(session_id)
+                self._evicted.pop(session_id, None)
                 runs = [r for r in self._loaded_runs.values() if r.session_id == session_id]
                 for run in runs:
                     await self._unload_run(run)
@@ -798,11 +841,8 @@ class Backend:
 
     async def _unload_run(self, run: RunRecord) -> None:
         scheduler = self._schedulers[run.base_model]
-        _drop_run(
-            scheduler,
-            run.run_id,
-            ServiceError(410, f"model_id: the session of run {run.run_id!r} expired while this request waited"),
-        )
+        expired = ServiceError(410, f"model_id: the session of run {run.run_id!r} expired while this request waited")
+        scheduler.remove_run(run.run_id, expired)
 
         def unload(engine: Any) -> None:
             if engine.has_adapter(run.run_id):
@@ -811,6 +851,7 @@ class Backend:
         await scheduler.compute(unload)
         self._loaded_runs.pop(run.run_id, None)
         self._restored_floor.pop(run.run_id, None)
+        self._run_snapshots.pop(run.run_id, None)
         self.ledger.release_run(run.owner, run.run_id)
 
     async def _unload_sampler(self, sampler_id: str) -> None:
@@ -929,24 +970,6 @@ def _check_ttl(ttl_seconds: int | None) -> None:
             400,
             f"ttl_seconds: expected None or {_MIN_TTL_S} to {_MAX_TTL_S} (1 hour to 10 years), got {ttl_seconds}",
         )
-
-
-# The two scheduler operations a reload and an unload need. They reach into ModelScheduler's
-# queues; TODO(lead): public ``add_run(run_id, next_seq=...)`` and ``remove_run(run_id, error)``.
-
-
-def _start_run_at(scheduler: ModelScheduler, run_id: str, next_seq: int) -> None:
-    """Give ``run_id`` a queue whose first request is ``next_seq``."""
-    scheduler.add_run(run_id)
-    scheduler._runs[run_id].next_seq = next_seq
-
-
-def _drop_run(scheduler: ModelScheduler, run_id: str, error: ServiceError) -> None:
-    """Forget ``run_id``'s queue; the requests waiting in it fail with ``error``."""
-    queue = scheduler._runs.pop(run_id, None)
-    for item in queue.pending.values() if queue is not None else ():
-        if not item.future.done():
-            item.future.set_exception(error)
 
 
 def _check_tokens(field: str, tokens: list[int], vocab: int, context: int) -> None:

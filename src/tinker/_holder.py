@@ -45,6 +45,8 @@ class Holder:
             if self.base_url
             else EmbeddedTransport.shared(data_dir)
         )
+        if isinstance(self.transport, WebSocketTransport):  # for a script that never calls close()
+            self.loop.close_at_exit(self.transport)
         self._user_metadata = dict(user_metadata or {})
         self._session: APIFuture[str] | None = None
         self._lock = threading.Lock()

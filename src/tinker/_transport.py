@@ -211,7 +211,7 @@ class WebSocketTransport:
                 await self._connect()
                 break
             except TinkerError as e:
-                if loop.time() + delay > deadline:
+                if self._closed or loop.time() + delay > deadline:
                     for _, done in list(self._pending.values()):
                         if not done.done():
                             done.set_exception(APIConnectionError(f"lost connection to {self.url}: {e}"))
@@ -225,10 +225,16 @@ class WebSocketTransport:
                 await self._ws.send_bytes(frame)
 
     async def aclose(self) -> None:
+        """Close the connection; calls still waiting for an answer fail. Closing twice is harmless."""
         self._closed = True
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        try:
+            if self._ws is not None:
+                await self._ws.close()
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
+        finally:  # also when cancelled: an unclosed session warns at exit
+            for _, done in list(self._pending.values()):
+                if not done.done():
+                    done.set_exception(APIConnectionError(f"{self.url}: the client was closed"))
+            if self._session is not None:
+                await self._session.close()

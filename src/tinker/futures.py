@@ -25,13 +25,22 @@ import concurrent.futures
 import contextlib
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
 
 __all__ = ["APIFuture", "BackgroundLoop"]
+
+# How long the resources registered with ``close_at_exit`` get to close at interpreter exit (a
+# WebSocket close handshake takes a round trip); then whatever still runs is cancelled.
+_CLOSE_AT_EXIT_S = 3.0
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
 
 
 class BackgroundLoop:
@@ -44,12 +53,24 @@ class BackgroundLoop:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tinker-loop", daemon=True)
         self._thread.start()
+        self._to_close: weakref.WeakSet[_Closable] = weakref.WeakSet()
         atexit.register(self._shutdown)
 
+    def close_at_exit(self, resource: _Closable) -> None:
+        """Run ``await resource.aclose()`` on this loop at interpreter exit, unless ``resource``
+        was garbage collected first: connections a script never closed then end cleanly,
+        without aiohttp's "Unclosed client session" warning. Closing twice must be harmless."""
+        self._to_close.add(resource)
+
     def _shutdown(self) -> None:
-        """At interpreter exit: cancel what is still running and stop the loop quietly."""
+        """At interpreter exit: close the registered resources, cancel what is still running
+        and stop the loop quietly."""
 
         async def cancel_all() -> None:
+            closing = [resource.aclose() for resource in list(self._to_close)]
+            if closing:
+                with contextlib.suppress(Exception):  # a timeout included: exit goes on regardless
+                    await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), _CLOSE_AT_EXIT_S)
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
@@ -57,7 +78,7 @@ class BackgroundLoop:
 
         if self.loop.is_running():
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=5)
+                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=_CLOSE_AT_EXIT_S + 2)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
 
