@@ -919,7 +919,9 @@ class Backend:
             await asyncio.sleep(interval)
             try:
                 await self.expire_sessions()
-                await asyncio.to_thread(self._delete_expired_checkpoints)
+                # Inline, not in a thread: an embedded backend's loop may still tick while the
+                # interpreter exits, when executors take no new work. Usually nothing expired.
+                self._delete_expired_checkpoints()
                 self.store.prune_futures(iso_in(-_FUTURE_RECORD_S))
             except Exception:  # a sweep must never stop sweeping
                 logger.exception("housekeeping sweep failed")

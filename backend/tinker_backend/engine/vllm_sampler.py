@@ -264,13 +264,19 @@ class VllmSampler:
         (an embedded backend lives until the process ends)."""
         atexit.unregister(self.close)
         if self._engine is not None:
-            self._engine.shutdown()
+            if self._thread.is_alive():
+                # On the loop thread: vLLM stops the engine core, then cancels its output handler;
+                # from another thread the handler would first see the dead core and log an error.
+                self._call(self._shutdown_engine())
             # Dropped now, while the interpreter is whole: AsyncLLM.__del__ shuts down again,
             # which fails during interpreter teardown.
             self._engine = None
         if self._thread.is_alive():
             self._stop_loop()
         shutil.rmtree(self._directory, ignore_errors=True)
+
+    async def _shutdown_engine(self) -> None:
+        self._engine.shutdown()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
