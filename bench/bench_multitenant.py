@@ -6,15 +6,17 @@ Three ways to do the same work, in one run (embedded backend, real client):
   merged    8 training clients submit fb + optim concurrently; clock cycles merge them
   serial    the same requests, one run at a time (each run's step awaited before the next)
   one-run   a single run with the same total batch (8 x 2 sequences)
-Prints tokens/s and the ratios, then resident memory with 1 and 16 runs (base model loaded once).
+Prints tokens/s and the ratios, then resident memory with 1 and 16 runs (base model loaded once),
+measured in a fresh process (``--memory-only``) so that the engines above do not count.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import resource
+import subprocess
+import sys
 import time
 
 from _common import temp_data_dir
@@ -72,13 +74,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny-llama", "HuggingFaceTB/SmolLM2-135M-Instruct"])
-    parser.add_argument("--memory-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    args = parser.parse_args()
+def throughput(models: list[str]) -> None:
     service = tinker.ServiceClient(data_dir=temp_data_dir())
-    for model in args.models:
+    for model in models:
         small = "tiny" in model
         steps = 5 if small else 2
         vocab = 2048 if small else 49152
@@ -94,18 +92,34 @@ def main() -> None:
             f"one run same batch {tokens / t_one:7.0f} tok/s | merged/serial x{t_serial / t_merged:.2f} | "
             f"merged/one-run x{t_one / t_merged:.2f}"
         )
-    gc.collect()
-    model = args.memory_model
-    memory_service = tinker.ServiceClient(data_dir=temp_data_dir())
-    clients = [memory_service.create_lora_training_client(model, rank=8, seed=0)]
+
+
+def memory(model: str) -> None:
+    service = tinker.ServiceClient(data_dir=temp_data_dir())
+    clients = [service.create_lora_training_client(model, rank=8, seed=0)]
     probe = batch(2048, 1, 0)
     clients[0].forward_backward(probe, "cross_entropy").result()
     one = rss_mb()
-    clients += [memory_service.create_lora_training_client(model, rank=8, seed=i) for i in range(1, 16)]
+    clients += [service.create_lora_training_client(model, rank=8, seed=i) for i in range(1, 16)]
     for tc in clients:
         tc.forward_backward(probe, "cross_entropy").result()
     sixteen = rss_mb()
     print(f"{model}: resident memory with 1 run {one:.0f} MB, with 16 runs {sixteen:.0f} MB (+{sixteen - one:.0f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-llama", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+    parser.add_argument("--memory-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory part, in this process")
+    args = parser.parse_args()
+    if args.memory_only:
+        memory(args.memory_model)
+        return
+    throughput(args.models)
+    sys.stdout.flush()
+    command = [sys.executable, __file__, "--memory-only", "--memory-model", args.memory_model]
+    subprocess.run(command, check=True)  # a fresh process: RSS without the engines above
 
 
 if __name__ == "__main__":

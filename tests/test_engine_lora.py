@@ -104,6 +104,47 @@ def test_lora_linear_matches_reference_loop():
         torch.testing.assert_close(got[name], (w.A.grad, w.B.grad))
 
 
+@pytest.mark.parametrize(
+    "segments",
+    [
+        # mixed ranks, a None segment, a missing adapter, a no-grad segment, unequal lengths
+        [("r2", 0, 3), (None, 3, 4), ("r5", 4, 5), ("missing", 5, 7), ("r2", 7, 9, False), ("r3", 9, 16)],
+        [("r2", 0, 2), ("r5", 2, 4), ("r3", 4, 6)],  # equal blocks covering every row: no gather
+        [("r3", 0, 1), ("r5", 1, 2, False), (None, 2, 3)],  # decode-like: one row per segment
+    ],
+)
+def test_batched_delta_equals_loop(segments):
+    """The batched multi-segment path equals the per-segment loop, values and every gradient."""
+    torch.manual_seed(0)
+    routing = LoraRouting()
+    layer = LoraLinear(torch.nn.Linear(6, 5), routing, "mlp")
+    for name, rank in (("r2", 2), ("r5", 5), ("r3", 3)):
+        A = torch.randn(rank, 6, requires_grad=True)
+        B = torch.randn(5, rank, requires_grad=True)
+        layer.adapters[name] = LoraWeights(A, B, 32 / rank)
+    routing.set(segments)
+    x = torch.randn(routing.num_rows, 4, 6, requires_grad=True)
+    probe = torch.randn(routing.num_rows, 4, 5)
+
+    results = []
+    for delta in (layer.forward, lambda x: layer._looped(x, layer.base(x))):
+        y = delta(x)
+        (y * probe).sum().backward()
+        grads = {name: (w.A.grad, w.B.grad) for name, w in layer.adapters.items()}
+        results.append((y.detach(), x.grad, grads))
+        x.grad = None
+        for w in layer.adapters.values():
+            w.A.grad = w.B.grad = None
+    (batched, batched_dx, batched_grads), (looped, looped_dx, looped_grads) = results
+    torch.testing.assert_close(batched, looped)
+    torch.testing.assert_close(batched_dx, looped_dx)
+    for name, expected in looped_grads.items():
+        if expected[0] is None:  # only used without gradient: the batched path leaves none either
+            assert batched_grads[name] == (None, None)
+        else:
+            torch.testing.assert_close(batched_grads[name], expected)
+
+
 def test_detached_segment_leaves_no_gradient():
     routing = LoraRouting()
     layer = LoraLinear(torch.nn.Linear(3, 3), routing, "attn")
@@ -164,7 +205,8 @@ def test_merged_batch_equals_separate_runs(engine):
                 torch.testing.assert_close(lp, out_expected["logprobs"].to_torch(), rtol=1e-5, atol=1e-6)
             if item.backward:
                 for g, e in zip(grads(engine, item.adapter_id), expected_grads, strict=True):
-                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+                    # fp32 rounding of an entry scales with the whole tensor (a sum), not the entry
+                    torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
         assert all(g is None for g in grads(engine, "delta"))  # forward-only: no gradient at all
     finally:
         for name in configs:

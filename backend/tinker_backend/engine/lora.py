@@ -57,12 +57,28 @@ class Segment(NamedTuple):
     requires_grad: bool = True
 
 
+class _Plan(NamedTuple):
+    """How one layer's batched delta lays out the rows of its adapters (see ``LoraLinear``).
+
+    The adapters' rows are cut into ``len(blocks)`` blocks of ``length`` rows each (a segment
+    longer than ``length`` gives several blocks, a shorter one is padded), so that two ``bmm``
+    compute every block's delta at once.
+    """
+
+    blocks: tuple[int, ...]  # the segment (its index in the routing) of each block
+    length: int
+    index: torch.Tensor | None  # [blocks * length] batch row of each block row; None: rows 0..n in order
+    mask: torch.Tensor | None  # [blocks * length] 1 for a real row, 0 for padding; None: no padding
+    scale: torch.Tensor  # [blocks, 1, 1] the scaling of each block's adapter
+
+
 class LoraRouting:
     """Which rows of the next forward pass use which adapter; shared by all ``LoraLinear``s."""
 
     def __init__(self) -> None:
         self.segments: tuple[Segment, ...] = ()
         self.num_rows = 0
+        self._plans: dict[tuple, _Plan] = {}  # layers with the same adapters share a plan
 
     def set(self, segments: Iterable[Segment | tuple]) -> None:
         """Route the next forward passes; segments must tile ``[0, num_rows)`` in order."""
@@ -76,6 +92,43 @@ class LoraRouting:
             pos = seg.stop
         self.segments = parsed
         self.num_rows = pos
+        self._plans = {}
+
+    def plan(
+        self, active: tuple[int, ...], scalings: tuple[float, ...], dtype: torch.dtype, device: torch.device
+    ) -> _Plan:
+        """The block layout for the segments ``active`` (indices into ``segments``), cached."""
+        key = (active, scalings, dtype, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(active, scalings, dtype, device)
+        return plan
+
+    def _make_plan(
+        self, active: tuple[int, ...], scalings: tuple[float, ...], dtype: torch.dtype, device: torch.device
+    ) -> _Plan:
+        segments = [self.segments[i] for i in active]
+        # Blocks of the mean segment length: equal segments stay whole and unpadded, and a
+        # long segment is split rather than padding every other one to its length.
+        length = -(-sum(seg.stop - seg.start for seg in segments) // len(segments))
+        blocks, rows, real, scale = [], [], [], []
+        for i, seg, scaling in zip(active, segments, scalings, strict=True):
+            for start in range(seg.start, seg.stop, length):
+                stop = min(start + length, seg.stop)
+                blocks.append(i)
+                scale.append(scaling)
+                # Padding reads (and, with a zero delta, writes) the block's first row.
+                rows.extend([*range(start, stop), *[start] * (length - (stop - start))])
+                real.extend([1.0] * (stop - start) + [0.0] * (length - (stop - start)))
+        padded = 0.0 in real
+        in_order = not padded and rows == list(range(self.num_rows))
+        return _Plan(
+            blocks=tuple(blocks),
+            length=length,
+            index=None if in_order else torch.tensor(rows, device=device),
+            mask=torch.tensor(real, dtype=dtype, device=device) if padded else None,
+            scale=torch.tensor(scale, dtype=dtype, device=device).view(-1, 1, 1),
+        )
 
 
 @dataclass
@@ -99,8 +152,12 @@ class LoraLinear(nn.Module):
                 for row in range(seg.start, seg.stop):
                     y[row] += (x[row].float() @ w.A.T @ w.B.T * w.scaling).to(y.dtype)
 
-    The implementation computes one delta per segment and concatenates (out of place, so
-    autograd sees every use). Adapters in one batch may have different ranks and target sets.
+    With one adapter segment the delta is computed for its rows alone. With several (of one
+    dtype), the rows are gathered into equal blocks (see ``_Plan``), A and B are zero-padded to
+    the largest rank and stacked, and two ``bmm`` compute all deltas at once; zero padding adds
+    exact zeros, and gradients reach only the real rows and the real slices of A and B. This
+    avoids a per-segment row slice, whose backward writes a zero tensor of the whole batch.
+    Adapters in one batch may have different ranks and target sets.
     Weights are kept in a plain dict, not as registered parameters: adapter ids are arbitrary
     strings, and adapters must not appear in the base model's ``parameters()`` or ``state_dict()``.
     """
@@ -123,23 +180,60 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         segments = self.routing.segments
-        if not any(seg.adapter in self.adapters for seg in segments):
+        active = tuple(i for i, seg in enumerate(segments) if seg.adapter in self.adapters)
+        if not active:
             return y
         if x.shape[0] != self.routing.num_rows:
             raise RuntimeError(
                 f"LoRA routing covers {self.routing.num_rows} rows but the layer got a tensor of "
                 f"shape {tuple(x.shape)}: this architecture does not keep the batch in dim 0"
             )
+        weights = [self.adapters[segments[i].adapter] for i in active]  # type: ignore[index]
+        if len(active) == 1 or len({w.A.dtype for w in weights}) > 1:
+            return self._looped(x, y)
+        return self._batched(x, y, active, weights)
+
+    def _weights(self, seg: Segment, w: LoraWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        return (w.A, w.B) if seg.requires_grad else (w.A.detach(), w.B.detach())
+
+    def _looped(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the delta, one segment at a time (the reference for ``_batched``)."""
         pieces = []
-        for seg in segments:
+        for seg in self.routing.segments:
             part = y[seg.start : seg.stop]
             w = self.adapters.get(seg.adapter) if seg.adapter is not None else None
             if w is not None:
-                A, B = (w.A, w.B) if seg.requires_grad else (w.A.detach(), w.B.detach())
+                A, B = self._weights(seg, w)
                 delta = F.linear(F.linear(x[seg.start : seg.stop].to(A.dtype), A), B)  # x @ A.T @ B.T
                 part = part + (delta * w.scaling).to(part.dtype)
             pieces.append(part)
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _batched(
+        self, x: torch.Tensor, y: torch.Tensor, active: tuple[int, ...], weights: list[LoraWeights]
+    ) -> torch.Tensor:
+        """``y`` plus the delta of the segments ``active`` (all with ``weights`` of one dtype)."""
+        dtype = weights[0].A.dtype
+        plan = self.routing.plan(active, tuple(w.scaling for w in weights), dtype, x.device)
+        rank = max(w.A.shape[0] for w in weights)
+        padded = {}  # A [rank, in] and B [out, rank] of each segment, zero-padded to the largest rank
+        for i, w in zip(active, weights, strict=True):
+            A, B = self._weights(self.routing.segments[i], w)
+            r = A.shape[0]
+            padded[i] = (A, B) if r == rank else (F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r)))
+        A = torch.stack([padded[i][0] for i in plan.blocks])
+        B = torch.stack([padded[i][1] for i in plan.blocks])
+        x = x.to(dtype)
+        if plan.index is not None:
+            x = x.index_select(0, plan.index)
+        if plan.mask is not None:  # zero padding rows: their delta is exactly zero
+            x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
+        xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
+        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # x @ A.T @ B.T
+        delta = (delta * plan.scale).to(y.dtype)
+        if plan.index is None:
+            return y + delta.reshape(y.shape)
+        return y.index_add(0, plan.index, delta.reshape(-1, *y.shape[1:]))
 
 
 def _classify(path: str, is_unembed: bool) -> LayerKind | None:

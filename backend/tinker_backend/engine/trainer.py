@@ -57,8 +57,9 @@ class TrainableAdapter:
         self.optimizer = self._new_optimizer()
 
     def _new_optimizer(self) -> torch.optim.AdamW:
-        # The hyper-parameters are set again by every optim_step; foreach=False keeps memory flat.
-        return torch.optim.AdamW(self.parameters(), lr=0.0, foreach=False)
+        # The hyper-parameters are set again by every optim_step. fused: one in-place kernel per
+        # tensor, so memory stays flat (as with foreach=False) and a step costs a quarter as much.
+        return torch.optim.AdamW(self.parameters(), lr=0.0, fused=True)
 
     def parameters(self) -> list[nn.Parameter]:
         """A then B of each module, in sorted path order (the order of the optimizer state)."""
@@ -80,7 +81,7 @@ class TrainableAdapter:
                 param.grad = param.grad.to(device)
         for state in self.optimizer.state.values():
             for name, value in state.items():
-                if torch.is_tensor(value) and name != "step":  # AdamW keeps `step` on the CPU
+                if torch.is_tensor(value):  # fused AdamW keeps `step` on the weights' device too
                     state[name] = value.to(device)
 
     def reset_optimizer(self) -> None:
@@ -204,7 +205,7 @@ def forward_backward_batch(
             attention_mask=attention_mask.to(device) if padded else None,
             use_cache=False,
         ).logits
-        logsumexp = logits.float().logsumexp(-1)  # one kernel for all rows, padding included
+        picked = _target_logprobs(logits, [t for i in order for t in items[i].targets])
         results: list[Any] = [None] * len(items)
         total = None
         succeeded = set()
@@ -212,7 +213,7 @@ def forward_backward_batch(
             item = items[i]
             try:
                 rows_of_item = slice(first_row[i], first_row[i] + len(item.tokens))
-                loss, logprobs = _item_loss(item, logits[rows_of_item], logsumexp[rows_of_item])
+                loss, logprobs = _item_loss(item, picked[rows_of_item])
             except Exception as e:
                 results[i] = e
                 continue
@@ -232,20 +233,31 @@ def forward_backward_batch(
     return results
 
 
-def _item_loss(
-    item: PreparedItem, logits: torch.Tensor, logsumexp: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _target_logprobs(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities [rows, T, K] of each row's targets (K: the most targets per position).
+
+    One gather for the whole batch: slicing ``logits`` per row instead would make the backward
+    write a zero tensor the size of all logits for every row. Padding entries read token 0.
+    """
+    rows, width, _ = logits.shape
+    per_position = [t.reshape(t.shape[0], -1) for t in targets]  # [n, k] each
+    index = torch.zeros(rows, width, max(t.shape[1] for t in per_position), dtype=torch.long, device=logits.device)
+    for row, target in enumerate(per_position):
+        index[row, : target.shape[0], : target.shape[1]] = target
+    logsumexp = logits.float().logsumexp(-1)  # one kernel for all rows, padding included
+    return logits.gather(-1, index).float() - logsumexp[..., None]
+
+
+def _item_loss(item: PreparedItem, picked: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The summed loss of one item and the target log-probabilities of each datum.
 
-    ``logits`` [rows, T, V] and ``logsumexp`` [rows, T] are the item's rows of the batch.
+    ``picked`` [rows, T, K] holds the target log-probabilities of the item's rows of the batch.
     """
-    loss = logits.new_zeros((), dtype=torch.float32)
+    loss = picked.new_zeros((), dtype=torch.float32)
     logprobs = []
     for row, (target, inputs) in enumerate(zip(item.targets, item.inputs, strict=True)):
         n = target.shape[0]
-        index = target.reshape(n, -1)
-        picked = logits[row, :n].gather(-1, index).float() - logsumexp[row, :n, None]
-        target_lp = picked.reshape(target.shape)
+        target_lp = picked[row, :n, : target.reshape(n, -1).shape[1]].reshape(target.shape)
         loss = loss + datum_loss(item.loss_fn, target_lp, inputs, item.config)
         logprobs.append(target_lp.detach())
     return loss, logprobs
