@@ -38,6 +38,8 @@ def bench(session: nox.Session) -> None:
     install(session)
     session.run("python", "bench/bench_roundtrip.py", *session.posargs)
     session.run("python", "bench/bench_training.py", *session.posargs)
+    session.run("python", "bench/bench_multitenant.py")
+    session.run("python", "bench/bench_sampling.py")
 
 
 @nox.session(python="3.11")
