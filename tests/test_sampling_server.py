@@ -3,7 +3,8 @@
 Every test runs on the torch sampler; the ``vllm`` parameter runs the same tests on vLLM
 (``nox -s vllm``; skipped with its reason where vllm is not installed). Two adapters memorise
 two different texts (ending in EOS) so that greedy samples show which weights served them.
-Runs use ``train_unembed=False`` because the vLLM sampler refuses LoRA on lm_head.
+Runs use ``train_unembed=False``, so that a vllm server serves them with vLLM: it serves an
+adapter with a LoRA on lm_head with the torch sampler (``test_lm_head_adapters_...``).
 
     python -m pytest tests/test_sampling_server.py             # torch
     nox -s vllm                                                 # vllm (in its own venv)
@@ -16,7 +17,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -45,6 +47,7 @@ class Setup:
     full: dict[str, list[int]]  # BOS + text + EOS per adapter
     untrained: tinker.SamplingClient  # adapter "a" before training
     untrained_tokens: list[int]  # its greedy continuation of BOS, sampled before training
+    log: Path  # the server's log
 
 
 def _sampler_server(kind: str, data_dir: Path) -> ServerProcess:
@@ -97,7 +100,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         for future in [_memorise(tc, full[name]) for name, tc in clients.items()]:
             future.result()
         samplers = {name: tc.save_weights_and_get_sampling_client() for name, tc in clients.items()}
-        yield Setup(kind, service, tokenizer, clients, samplers, full, untrained, untrained_tokens)
+        yield Setup(kind, service, tokenizer, clients, samplers, full, untrained, untrained_tokens, server.log)
     finally:
         service.close().result(timeout=30)
         assert server.stop() == 0, server.log.read_text()[-4000:]
@@ -262,9 +265,92 @@ def test_training_is_not_starved_by_sampling(setup: Setup) -> None:
     assert all(len(s.tokens) == 120 for s in long.result().sequences)
 
 
-def test_vllm_refuses_lora_on_lm_head(setup: Setup) -> None:
-    if setup.kind != "vllm":
-        pytest.skip("only the vllm sampler refuses train_unembed=True")
-    tc = setup.service.create_lora_training_client(TINY, rank=4, seed=0)  # train_unembed=True by default
-    with pytest.raises(tinker.BadRequestError, match="train_unembed"):
-        tc.save_weights_and_get_sampling_client().result()
+def test_lm_head_adapters_are_served_exactly(setup: Setup) -> None:
+    """``train_unembed=True`` (the SDK's default) trains and samples on every server. vLLM cannot
+    apply a LoRA on lm_head, so a vllm server serves such an adapter (and only such) with the
+    torch sampler: the torch sampler's tolerance holds for it."""
+    tc = setup.service.create_lora_training_client(TINY, rank=8, seed=5)  # train_unembed=True by default
+    full = setup.full["b"]
+    _memorise(tc, full).result()
+    sampler = tc.save_weights_and_get_sampling_client()
+    named = setup.service.create_sampling_client(model_path=tc.save_weights_for_sampler(f"unembed-{setup.kind}").result().path)
+    bos = ModelInput.from_ints(full[:1])
+    # Alongside a request for a vLLM-served adapter, so both samplers run at once.
+    futures = [s.sample(bos, 1, greedy()) for s in (sampler, named, setup.samplers["a"])]
+    for future, expected in zip(futures, [full, full, setup.full["a"]], strict=True):
+        seq = future.result().sequences[0]
+        assert seq.tokens == expected[1:] and seq.stop_reason == "stop", setup.tokenizer.decode(seq.tokens)
+
+    tolerance = LOGPROB_TOLERANCE["torch"]
+    prompt = full[:3]
+    response = sampler.sample(
+        ModelInput.from_ints(prompt), 2, SamplingParams(max_tokens=12, seed=3, stop=[]), include_prompt_logprobs=True
+    ).result()
+    for seq in response.sequences:
+        expected = trainer_logprobs(tc, prompt + seq.tokens)
+        assert np.max(np.abs(np.array(seq.logprobs) - expected[len(prompt) - 1 :])) < tolerance
+    assert np.max(np.abs(np.array(response.prompt_logprobs[1:]) - trainer_logprobs(tc, prompt))) < tolerance
+    scored = named.compute_logprobs(ModelInput.from_ints(setup.full["a"])).result()
+    assert np.max(np.abs(np.array(scored[1:]) - trainer_logprobs(tc, setup.full["a"]))) < tolerance
+
+    log = setup.log.read_text()
+    routed = {s.sampling_session_id for s in (sampler, named, *setup.samplers.values(), setup.untrained)}
+    routed = {sid for sid in routed if f"sampler {sid} is served by the torch sampler" in log}
+    if setup.kind == "vllm":
+        assert routed == {sampler.sampling_session_id, named.sampling_session_id}
+    else:
+        assert routed == set()  # the torch server has nothing to route
+
+
+def test_routed_sampler_routes_by_adapter() -> None:
+    """``RoutedSampler`` with recording fakes: vLLM for what it can serve and for the base model,
+    the torch sampler for the rest; each call goes to the sampler that owns the adapter."""
+    import torch
+
+    from tinker_backend.checkpoints import AdapterCheckpoint
+    from tinker_backend.engine.routed_sampler import RoutedSampler
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str | None]] = []
+
+        def unsupported(self, checkpoint: AdapterCheckpoint) -> str | None:
+            return "lm_head" if "lm_head" in checkpoint.weights else None
+
+        def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
+            self.calls.append(("add", sampler_id))
+
+        def remove_adapter(self, sampler_id: str) -> None:
+            self.calls.append(("remove", sampler_id))
+
+        def submit(self, request: Any) -> Any:
+            self.calls.append(("submit", request.sampler_id))
+
+        def has_work(self) -> bool:
+            return True
+
+        def step(self) -> bool:
+            self.calls.append(("step", None))
+            return True
+
+        def close(self) -> None:
+            self.calls.append(("close", None))
+
+    def checkpoint(*paths: str) -> AdapterCheckpoint:
+        weights = {p: (torch.zeros(2, 4), torch.zeros(4, 2)) for p in paths}
+        return AdapterCheckpoint(TINY, weights, 1.0, 2.0, list(paths))
+
+    vllm, batcher = Recorder(), Recorder()
+    routed = RoutedSampler(vllm, batcher)
+    routed.add_adapter("plain", checkpoint("q_proj"))
+    routed.add_adapter("unembed", checkpoint("q_proj", "lm_head"))
+    for sampler_id in ("plain", "unembed", None):
+        routed.submit(cast(Any, SimpleNamespace(sampler_id=sampler_id)))
+    with pytest.raises(KeyError, match="sampler_id"):
+        routed.submit(cast(Any, SimpleNamespace(sampler_id="unknown")))
+    assert routed.has_work() and routed.step()
+    routed.remove_adapter("unembed")
+    routed.remove_adapter("plain")
+    routed.close()
+    assert vllm.calls == [("add", "plain"), ("submit", "plain"), ("submit", None), ("remove", "plain"), ("close", None)]
+    assert batcher.calls == [("add", "unembed"), ("submit", "unembed"), ("step", None), ("remove", "unembed"), ("close", None)]

@@ -563,7 +563,7 @@ class Backend:
             if sampler_id not in self._loaded_samplers:
                 try:
                     engine.snapshot_sampler(run.run_id, sampler_id)
-                except ValueError as e:  # the sampler cannot serve this adapter (e.g. vLLM and lm_head)
+                except ValueError as e:  # the sampler cannot serve this adapter
                     raise ServiceError(400, str(e)) from e
                 self._loaded_samplers.add(sampler_id)
                 self._session_samplers.setdefault(run.session_id, set()).add(sampler_id)

@@ -84,7 +84,8 @@ class ModelEngine:
         ``sampler`` is ``"torch"`` (continuous batching on this engine's weights) or ``"vllm"``
         (vLLM's engine, which reads published adapters from files in ``sampler_dir``, a
         directory it owns and empties at start, temporary by default, and sizes its LoRA
-        buffers for ``max_lora_rank``).
+        buffers for ``max_lora_rank``; adapters it cannot serve, those with a LoRA on
+        ``lm_head``, go to the torch sampler: ``RoutedSampler``).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
@@ -110,16 +111,18 @@ class ModelEngine:
         self.sampler: Sampler = self._make_sampler(sampler, model_path, sampler_dir, max_lora_rank)
 
     def _make_sampler(self, kind: str, model_path: Path, directory: Path | None, max_lora_rank: int) -> Sampler:
-        if kind == "vllm":
-            from .vllm_sampler import VllmSampler  # imports vllm: only when asked for
-
-            unembed = [path for path, layer in self.layers.items() if layer.kind == "unembed"]
-            targets = sorted({path.rpartition(".")[2] for path in self.layers} - {p.rpartition(".")[2] for p in unembed})
-            dtype = cast(torch.dtype, self.model.dtype)
-            return VllmSampler(model_path, dtype, max_lora_rank, targets, unembed, directory)
         from .batcher import SamplingBatcher
 
-        return SamplingBatcher(self.model, self.routing, self.layers)
+        batcher = SamplingBatcher(self.model, self.routing, self.layers)  # cheap until it has rows
+        if kind == "torch":
+            return batcher
+        from .routed_sampler import RoutedSampler
+        from .vllm_sampler import VllmSampler  # imports vllm: only when asked for
+
+        unembed = [path for path, layer in self.layers.items() if layer.kind == "unembed"]
+        targets = sorted({path.rpartition(".")[2] for path in self.layers} - {p.rpartition(".")[2] for p in unembed})
+        dtype = cast(torch.dtype, self.model.dtype)
+        return RoutedSampler(VllmSampler(model_path, dtype, max_lora_rank, targets, unembed, directory), batcher)
 
     def close(self) -> None:
         """Stop the sampler (failing its requests in flight)."""

@@ -5,8 +5,10 @@ A ``ModelEngine`` owns one sampler, chosen by name (``SAMPLERS``):
 * ``torch`` (default): :class:`~tinker_backend.engine.batcher.SamplingBatcher`, continuous
   batching on the engine's own weights and LoRA layers, stepped by the scheduler's compute
   thread between training clock cycles;
-* ``vllm``: :class:`~tinker_backend.engine.vllm_sampler.VllmSampler`, vLLM's async engine with
-  multi-LoRA, running on its own thread (and its own copy of the base weights).
+* ``vllm``: :class:`~tinker_backend.engine.routed_sampler.RoutedSampler` over
+  :class:`~tinker_backend.engine.vllm_sampler.VllmSampler`, vLLM's async engine with
+  multi-LoRA, running on its own thread (and its own copy of the base weights), and the torch
+  sampler for the adapters vLLM cannot serve (a LoRA on ``lm_head``).
 
 Semantics shared by both (``SamplingParams``): a sequence ends at a stop token id (EOS
 included unless ``stop=[]``), or at the token that completes a stop string (kept), or after
@@ -108,7 +110,7 @@ class Sampler(Protocol):
     training calls that publish them; ``submit`` is thread-safe and returns at once. ``step`` is
     how the compute thread lends time to a sampler that computes on it: the torch sampler does
     one unit of work (a prefill chunk and a decode step) per call; the vLLM one never has work
-    there, as it runs on its own thread.
+    there, as it runs on its own thread (``RoutedSampler`` steps its torch sampler).
     """
 
     def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:

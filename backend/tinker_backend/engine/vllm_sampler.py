@@ -14,11 +14,11 @@ The engine runs on a private event loop in a daemon thread (``submit`` is thread
 engine core runs in a child process started with ``spawn``, so a program that embeds the
 backend with this sampler needs an ``if __name__ == "__main__":`` guard.
 
-LoRA on ``lm_head`` (``train_unembed=True``) is refused at publish time with an error naming
-``train_unembed``: vLLM 0.32's CPU LoRA kernels index the lm_head delta per sequence, which
-breaks prompt logprobs (it kills the engine core for every user), and dropping the delta would
-silently sample from a different model than the one trained. So vLLM wraps every linear layer
-except ``lm_head``.
+vLLM wraps every linear layer except ``lm_head``: vLLM 0.32's CPU LoRA kernels index the
+lm_head delta per sequence, which breaks prompt logprobs (it kills the engine core for every
+user), and dropping the delta would silently sample from a different model than the one
+trained. ``unsupported`` says so for an adapter with a LoRA on ``lm_head``
+(``train_unembed=True``), and ``RoutedSampler`` serves such adapters with the torch sampler.
 
 Settings (environment, read once at start): ``TINKER_VLLM_MAX_LORAS`` (8),
 ``TINKER_VLLM_MAX_CPU_LORAS`` (32), ``TINKER_VLLM_MAX_NUM_SEQS`` (64),
@@ -85,7 +85,7 @@ class VllmSampler:
 
     ``model_path`` is the base model's Hugging Face folder; ``target_modules`` the leaf names
     of the linear layers vLLM may apply LoRA to; ``unembed_paths`` the module paths of the
-    output embedding (refused in adapters, see the module docstring).
+    output embedding (which it cannot serve, see the module docstring).
     """
 
     def __init__(
@@ -153,15 +153,19 @@ class VllmSampler:
 
     # -- adapters ---------------------------------------------------------------------------
 
+    def unsupported(self, checkpoint: AdapterCheckpoint) -> str | None:
+        """Why vLLM cannot serve ``checkpoint`` (a LoRA on the output embedding), or None."""
+        unembed = sorted(self._unembed_paths & set(checkpoint.weights))
+        if not unembed:
+            return None
+        return f"it has a LoRA on the output embedding ({', '.join(unembed)}), which vLLM cannot apply"
+
     def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
         from vllm.lora.request import LoRARequest
 
-        unembed = sorted(self._unembed_paths & set(checkpoint.weights))
-        if unembed:
-            raise ValueError(
-                f"train_unembed: the vllm sampler cannot apply a LoRA on the output embedding ({', '.join(unembed)}); "
-                "create the training client with train_unembed=False, or run the server with --sampler torch"
-            )
+        reason = self.unsupported(checkpoint)
+        if reason is not None:  # RoutedSampler never asks: it sends these to the torch sampler
+            raise ValueError(f"sampler_id: vLLM cannot serve {sampler_id!r}: {reason}")
         if checkpoint.rank > self.max_lora_rank:
             raise ValueError(f"rank: the adapter's rank {checkpoint.rank} > max_lora_rank {self.max_lora_rank}")
         lora_id = next(self._ids)
