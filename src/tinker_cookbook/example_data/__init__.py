@@ -1,1 +1,2 @@
-"""Small bundled data: ``conversations.jsonl`` (60 chats with a made-up Zorblax travel guide)."""
+"""Small bundled data: ``conversations.jsonl`` (60 chats with a made-up Zorblax travel guide) and
+``comparisons.jsonl`` (64 labeled answer pairs to arithmetic questions, for DPO)."""

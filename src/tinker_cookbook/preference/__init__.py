@@ -1,0 +1,1 @@
+"""Preferences: labeled comparisons (``types``, ``datasets``) and DPO training (``train_dpo``)."""
