@@ -223,16 +223,16 @@ def rewards(log_path) -> list[float]:
 
 def learned(r: list[float]) -> bool:
     """Reward rose: some 3-step window averages over 0.5 and 3x the first three steps. (When the
-    takeoff comes varies from run to run with the sampling seeds; at lr 2e-2 a run may also dip
-    after learning, so the peak window is the robust signal, not the last steps.)"""
+    takeoff comes varies from run to run with the sampling seeds, from step 6 to past step 15;
+    at lr 2e-2 a run may also dip after learning, so the peak window is the robust signal.)"""
     windows = [np.mean(r[i : i + 3]) for i in range(len(r) - 2)]
     return max(windows) > 0.5 and max(windows) > 3 * np.mean(r[:3])
 
 
 def test_rl_sync_reward_rises(tmp_path, embedded):
-    asyncio.run(train.main(rl_config(tmp_path, steps=16, eval_every=100)))  # test set at step 0 and the end
+    asyncio.run(train.main(rl_config(tmp_path, steps=28, eval_every=100)))  # test set at step 0 and the end
     r = rewards(tmp_path)
-    assert len(r) == 16
+    assert len(r) == 28
     assert learned(r), r
     rows = read_metrics(tmp_path / "metrics.jsonl")
     # On-policy: the trainer scores the sampled tokens as the sampler did.
@@ -249,9 +249,9 @@ def test_rl_stream_and_async_modes(tmp_path, embedded, mode):
         if mode == "stream"
         else {"async_config": train.AsyncConfig(max_steps_off_policy=1)}
     )
-    asyncio.run(train.main(rl_config(tmp_path, steps=20, **extra)))
+    asyncio.run(train.main(rl_config(tmp_path, steps=32, **extra)))
     r = rewards(tmp_path)
-    assert len(r) == 20 and learned(r), r
+    assert len(r) == 32 and learned(r), r
     rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if "reward/total" in row]
     if mode == "async":
         assert all(row["async/mean_staleness"] <= 1 for row in rows)
