@@ -45,7 +45,7 @@ def random_tokens(rng: random.Random, vocab: int, n: int) -> list[int]:
 
 def make_engine(model: str, sampler: str):
     from tinker_backend.engine.model_engine import ModelEngine
-    from tinker_backend.models import resolve_model
+    from tinker_backend.model_registry import resolve_model
 
     return ModelEngine(model, resolve_model(model), sampler=sampler, max_lora_rank=32)
 

@@ -54,7 +54,7 @@ def through_client(service: tinker.ServiceClient, model: str, data: list[Datum],
 
 def engine_direct(model: str, data: list[Datum], steps: int) -> float:
     from tinker_backend.engine.model_engine import ModelEngine
-    from tinker_backend.models import resolve_model
+    from tinker_backend.model_registry import resolve_model
 
     engine = ModelEngine(model, resolve_model(model))
     engine.create_adapter("bench", tinker.LoraConfig(rank=8, seed=0))

@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinker import SamplingParams
 from tinker_backend.engine.model_engine import ModelEngine
-from tinker_backend.models import SMOLLM2, resolve_model
+from tinker_backend.model_registry import SMOLLM2, resolve_model
 
 LLAMA_1B = "random-llama-1b"
 

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
 from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
-from tinker_backend.models import SMOLLM2, resolve_model
+from tinker_backend.model_registry import SMOLLM2, resolve_model
 
 
 def batch(vocab: int, rows: int, length: int, seed: int) -> list[Datum]:

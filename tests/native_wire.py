@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from tinker import _wire
+from tinker import wire
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
 
 TINY = "tiny-llama"
@@ -48,14 +48,14 @@ class RawClient:
         await self._session.close()
 
     async def send(self, request: Any) -> int:
-        """Send one request (a ``_wire`` struct, or raw bytes as the request) without waiting."""
-        payload = request if isinstance(request, bytes) else _wire.encoder.encode(request)
+        """Send one request (a ``wire`` struct, or raw bytes as the request) without waiting."""
+        payload = request if isinstance(request, bytes) else wire.encoder.encode(request)
         call_id = next(self._ids)
-        await self.ws.send_bytes(_wire.encoder.encode(_wire.Submit(call_id, msgspec.Raw(payload))))
+        await self.ws.send_bytes(wire.encoder.encode(wire.Submit(call_id, msgspec.Raw(payload))))
         return call_id
 
-    async def receive(self) -> _wire.Result | _wire.Failure:
-        return _wire.server_frame_decoder.decode((await self.ws.receive(timeout=120)).data)
+    async def receive(self) -> wire.Result | wire.Failure:
+        return wire.server_frame_decoder.decode((await self.ws.receive(timeout=120)).data)
 
     async def call(self, request: Any) -> Any:
         """The decoded response, or the ``Failure`` (or ``Result`` of a raw request) frame."""
@@ -73,31 +73,31 @@ class RawClient:
 
     async def new_run(self, seed: int = 0, rank: int = 4) -> tuple[str, str]:
         """A new session and a run in it: (session_id, model_id)."""
-        session = await self.call(_wire.CreateSession())
+        session = await self.call(wire.CreateSession())
         model = await self.call(
-            _wire.CreateModel(
+            wire.CreateModel(
                 session_id=session.session_id, model_seq_id=0, base_model=TINY,
                 lora_config=LoraConfig(rank=rank, seed=seed),
             )
         )
-        assert isinstance(model, _wire.ModelCreated), model
+        assert isinstance(model, wire.ModelCreated), model
         return session.session_id, model.model_id
 
 
-def _decoded(request: Any, frame: _wire.Result | _wire.Failure) -> Any:
-    if isinstance(frame, _wire.Result) and not isinstance(request, bytes):
-        return _wire.decode_response(type(request), frame.payload)
+def _decoded(request: Any, frame: wire.Result | wire.Failure) -> Any:
+    if isinstance(frame, wire.Result) and not isinstance(request, bytes):
+        return wire.decode_response(type(request), frame.payload)
     return frame
 
 
-def fb(model_id: str, seq_id: int, data: list[Datum] = DATA, **fields: Any) -> _wire.ForwardBackward:
-    return _wire.ForwardBackward(model_id=model_id, seq_id=seq_id, data=data, loss_fn="cross_entropy", **fields)
+def fb(model_id: str, seq_id: int, data: list[Datum] = DATA, **fields: Any) -> wire.ForwardBackward:
+    return wire.ForwardBackward(model_id=model_id, seq_id=seq_id, data=data, loss_fn="cross_entropy", **fields)
 
 
-def step(model_id: str, seq_id: int, lr: float = 1e-2) -> _wire.OptimStep:
-    return _wire.OptimStep(model_id=model_id, seq_id=seq_id, adam_params=AdamParams(learning_rate=lr))
+def step(model_id: str, seq_id: int, lr: float = 1e-2) -> wire.OptimStep:
+    return wire.OptimStep(model_id=model_id, seq_id=seq_id, adam_params=AdamParams(learning_rate=lr))
 
 
 def loss(output: Any) -> float:
-    assert not isinstance(output, _wire.Failure), output
+    assert not isinstance(output, wire.Failure), output
     return float(output.metrics["loss:sum"])

@@ -17,9 +17,9 @@ from conftest import KEYED_LIMITS, TENANT_KEYS, ServerProcess, free_port
 from native_wire import DATA, TINY, RawClient, fb, loss
 
 import tinker
-from tinker import _wire
+from tinker import wire
 from tinker.types import LoraConfig, ModelInput, SamplingParams, TrainingRunsResponse
-from tinker_backend import models
+from tinker_backend import model_registry
 
 
 def keys_cli(data_dir, *args: str) -> subprocess.CompletedProcess[str]:
@@ -67,11 +67,11 @@ async def test_keys_are_created_listed_and_revoked_without_a_restart(keyed_serve
     assert line.endswith("active")
 
     async with RawClient(keyed_server.base_url, key) as gina:
-        assert isinstance(await gina.call(_wire.ListTrainingRuns()), TrainingRunsResponse)
+        assert isinstance(await gina.call(wire.ListTrainingRuns()), TrainingRunsResponse)
         revoked = keys_cli(data_dir, "revoke", key_id)
         assert revoked.returncode == 0, revoked.stderr
-        failure = await gina.call(_wire.ListTrainingRuns())  # the open connection is cut too
-        assert isinstance(failure, _wire.Failure) and failure.status == 401 and "revoked" in failure.message
+        failure = await gina.call(wire.ListTrainingRuns())  # the open connection is cut too
+        assert isinstance(failure, wire.Failure) and failure.status == 401 and "revoked" in failure.message
     with pytest.raises(aiohttp.WSServerHandshakeError):
         async with RawClient(keyed_server.base_url, key):
             pass
@@ -123,17 +123,17 @@ async def test_a_key_sees_and_touches_only_its_own_work(keyed_server):
     async with RawClient(keyed_server.base_url, TENANT_KEYS["bob"]) as raw:
         for request in (
             fb(tc.model_id, 99),
-            _wire.GetInfo(model_id=tc.model_id),
-            _wire.Heartbeat(session_id=alice_session),
-            _wire.CreateModel(session_id=alice_session, model_seq_id=7, base_model=TINY, lora_config=LoraConfig(rank=4)),
-            _wire.CreateSamplingSession(sampling_session_id=f"{alice_session}:sample:9", base_model=TINY),
-            _wire.GetSampler(sampling_session_id=sampler.sampling_session_id),
+            wire.GetInfo(model_id=tc.model_id),
+            wire.Heartbeat(session_id=alice_session),
+            wire.CreateModel(session_id=alice_session, model_seq_id=7, base_model=TINY, lora_config=LoraConfig(rank=4)),
+            wire.CreateSamplingSession(sampling_session_id=f"{alice_session}:sample:9", base_model=TINY),
+            wire.GetSampler(sampling_session_id=sampler.sampling_session_id),
             # The very (sampler, seq_id) alice asked: her answer is cached, and still not bob's.
-            _wire.Sample(sampling_session_id=sampler.sampling_session_id, seq_id=1,
+            wire.Sample(sampling_session_id=sampler.sampling_session_id, seq_id=1,
                          prompt=ModelInput.from_ints([1, 2, 3]), num_samples=1, sampling_params=SamplingParams(max_tokens=4, seed=1)),
         ):
             failure = await raw.call(request)
-            assert isinstance(failure, _wire.Failure) and failure.status == 404, (request, failure)
+            assert isinstance(failure, wire.Failure) and failure.status == 404, (request, failure)
     status, _ = await http(keyed_server, "GET", f"/api/v1/training_runs/{tc.model_id}", TENANT_KEYS["bob"])
     assert status == 404
     status, body = await http(keyed_server, "GET", "/api/v1/training_runs", TENANT_KEYS["bob"])
@@ -143,15 +143,15 @@ async def test_a_key_sees_and_touches_only_its_own_work(keyed_server):
     bob_tc = await bob.create_lora_training_client(TINY, rank=4, seed=0)
     async with RawClient(keyed_server.base_url, TENANT_KEYS["bob"]) as raw:
         for request, field in (
-            (_wire.SaveState(model_id=bob_tc.model_id, seq_id=1, name="../../escape"), "name:"),
-            (_wire.SaveState(model_id=bob_tc.model_id, seq_id=2, name=".hidden"), "name:"),
-            (_wire.LoadState(model_id=bob_tc.model_id, seq_id=3, path="tinker://../../etc/weights/passwd"), "path:"),
-            (_wire.LoadState(model_id=bob_tc.model_id, seq_id=4, path="tinker://x/weights/a/../../b"), "path:"),
-            (_wire.GetTokenizer(base_model=str(models.resolve_model(TINY))), "base_model:"),
-            (_wire.GetTokenizer(base_model="../../../../etc"), "base_model:"),
+            (wire.SaveState(model_id=bob_tc.model_id, seq_id=1, name="../../escape"), "name:"),
+            (wire.SaveState(model_id=bob_tc.model_id, seq_id=2, name=".hidden"), "name:"),
+            (wire.LoadState(model_id=bob_tc.model_id, seq_id=3, path="tinker://../../etc/weights/passwd"), "path:"),
+            (wire.LoadState(model_id=bob_tc.model_id, seq_id=4, path="tinker://x/weights/a/../../b"), "path:"),
+            (wire.GetTokenizer(base_model=str(model_registry.resolve_model(TINY))), "base_model:"),
+            (wire.GetTokenizer(base_model="../../../../etc"), "base_model:"),
         ):
             failure = await raw.call(request)
-            assert isinstance(failure, _wire.Failure) and 400 <= failure.status < 500, (request, failure)
+            assert isinstance(failure, wire.Failure) and 400 <= failure.status < 500, (request, failure)
             assert failure.message.startswith(field), failure.message
 
     # Alice's work is all still there and hers.
@@ -167,11 +167,11 @@ async def test_per_key_limits_answer_429_and_our_client_waits_and_retries(keyed_
     async with RawClient(keyed_server.base_url, TENANT_KEYS["dave"]) as dave:
         for _ in range(KEYED_LIMITS["runs"]):
             await dave.new_run()
-        session = await dave.call(_wire.CreateSession())
+        session = await dave.call(wire.CreateSession())
         refused = await dave.call(
-            _wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY, lora_config=LoraConfig(rank=4))
+            wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY, lora_config=LoraConfig(rank=4))
         )
-        assert isinstance(refused, _wire.Failure) and refused.status == 429 and refused.retry_after == 5.0
+        assert isinstance(refused, wire.Failure) and refused.status == 429 and refused.retry_after == 5.0
         assert refused.message.startswith(f"runs: expected at most {KEYED_LIMITS['runs']}")
 
     # Storage: saves are refused once the key's checkpoints reach the limit, until some are deleted.
@@ -179,15 +179,15 @@ async def test_per_key_limits_answer_429_and_our_client_waits_and_retries(keyed_
         _, run = await carol.new_run()
         paths, seq = [], 1
         while True:
-            saved = await carol.call(_wire.SaveWeightsForSampler(model_id=run, seq_id=seq, name=f"s{seq}"))
-            if isinstance(saved, _wire.Failure):
+            saved = await carol.call(wire.SaveWeightsForSampler(model_id=run, seq_id=seq, name=f"s{seq}"))
+            if isinstance(saved, wire.Failure):
                 break
             paths.append(saved.path)
             seq += 1
         assert saved.status == 429 and saved.retry_after == 30.0 and saved.message.startswith("storage:")
         assert 2 <= len(paths) <= 10
-        await carol.call(_wire.DeleteCheckpoint(tinker_path=paths[0]))
-        again = await carol.call(_wire.SaveWeightsForSampler(model_id=run, seq_id=seq, name="after-delete"))
+        await carol.call(wire.DeleteCheckpoint(tinker_path=paths[0]))
+        again = await carol.call(wire.SaveWeightsForSampler(model_id=run, seq_id=seq, name="after-delete"))
         assert again.path.endswith("/after-delete")  # the refused seq_id did not take a place in the order
 
     # Pending requests: 24 pipelined requests against a limit of 6. Our client waits on each

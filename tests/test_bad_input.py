@@ -1,6 +1,6 @@
 """The bad-input battery: every malformed request is a 4xx that names the field, and harms no one.
 
-The requests are built with ``tinker._wire`` (or as raw msgpack, for what no struct can hold)
+The requests are built with ``tinker.wire`` (or as raw msgpack, for what no struct can hold)
 and sent over a raw WebSocket, since the ``tinker`` client refuses most of them before
 sending. While one tenant sends them, another trains in the same clock cycles; its losses
 must equal a run of its own afterwards. The HTTP protocol gets the cases that are its own.
@@ -20,7 +20,7 @@ from conftest import KEYED_LIMITS, TENANT_KEYS
 from native_wire import DATA, TINY, RawClient, datum, fb, loss, step
 
 import tinker
-from tinker import _wire
+from tinker import wire
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams, TensorData
 
 VOCAB, CONTEXT = 2048, 2048  # the tiny model's
@@ -45,7 +45,7 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
     def with_inputs(**inputs: Any) -> dict[str, Any]:
         return {**good, "loss_fn_inputs": {**good["loss_fn_inputs"], **inputs}}
 
-    def sample(**params: Any) -> _wire.Sample | bytes:
+    def sample(**params: Any) -> wire.Sample | bytes:
         fields = {"sampling_session_id": sampler, "seq_id": next(other), "num_samples": 1,
                   "prompt": plain(ModelInput.from_ints([1, 2, 3])), "sampling_params": {"max_tokens": 4, **params}}
         return raw("Sample", **fields)
@@ -86,10 +86,10 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
              data=[with_inputs(logprobs={"data": [0.0] * n, "dtype": "float32"}, advantages={"data": [0.0] * n, "dtype": "float32"})]),
          "loss_fn_config['beta']: expected a finite number"),
         # losses
-        ("unknown loss", _wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="nope"), "loss_fn: expected one of"),
-        ("missing loss input", _wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo"),
+        ("unknown loss", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="nope"), "loss_fn: expected one of"),
+        ("missing loss input", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo"),
          "loss_fn_inputs['logprobs']: required by 'ppo'"),
-        ("unknown loss config key", _wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo",
+        ("unknown loss config key", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo",
                                                           loss_fn_config={"nope": 1.0}), "loss_fn_config['nope']"),
         # context length
         ("sequence over the context", fb(run, next(seqs), [datum(big)]), f"expected at most {CONTEXT} tokens (context length)"),
@@ -97,9 +97,9 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
         ("absurd rank", create(rank=10**9), "rank: expected an int in [1, 1024]"),
         ("zero rank", create(rank=0), "rank"),
         ("rank over the server's max", create(rank=512), "lora_config.rank: expected <= 256"),
-        ("unknown model", _wire.CreateModel(session_id=session, model_seq_id=500, base_model="no-such/model",
+        ("unknown model", wire.CreateModel(session_id=session, model_seq_id=500, base_model="no-such/model",
                                             lora_config=LoraConfig(rank=4)), "base_model: unknown base model"),
-        ("unknown sampler model", _wire.CreateSamplingSession(sampling_session_id=f"{session}:sample:77",
+        ("unknown sampler model", wire.CreateSamplingSession(sampling_session_id=f"{session}:sample:77",
                                                               base_model="no-such/model"), "base_model"),
         # malformed requests
         ("not msgpack (breaks the frame)", b"\xc1\xc1 garbage", "invalid frame: MessagePack data is malformed"),
@@ -108,14 +108,14 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
         ("unknown field", raw("GetInfo", model_id=run, admin=True), "admin"),
         ("missing field", raw("SaveState", model_id=run, seq_id=next(seqs)), "name"),
         # checkpoint names and paths
-        ("name with a slash", _wire.SaveState(model_id=run, seq_id=next(seqs), name="../escape"), "name: expected"),
-        ("hidden name", _wire.SaveState(model_id=run, seq_id=next(seqs), name=".x"), "name: expected"),
-        ("empty name", _wire.SaveState(model_id=run, seq_id=next(seqs), name=""), "name: expected"),
-        ("long name", _wire.SaveState(model_id=run, seq_id=next(seqs), name="n" * 300), "name: expected"),
-        ("negative ttl", _wire.SaveState(model_id=run, seq_id=next(seqs), name="t", ttl_seconds=-5), "ttl_seconds: expected"),
-        ("not a tinker path", _wire.LoadState(model_id=run, seq_id=next(seqs), path="/etc/passwd"), "path: expected 'tinker://"),
-        ("unknown checkpoint", _wire.LoadState(model_id=run, seq_id=next(seqs), path=f"tinker://{run}/weights/none"), "path: unknown checkpoint"),
-        ("sampler path as state", _wire.LoadState(model_id=run, seq_id=next(seqs), path=f"tinker://{run}/sampler_weights/x"),
+        ("name with a slash", wire.SaveState(model_id=run, seq_id=next(seqs), name="../escape"), "name: expected"),
+        ("hidden name", wire.SaveState(model_id=run, seq_id=next(seqs), name=".x"), "name: expected"),
+        ("empty name", wire.SaveState(model_id=run, seq_id=next(seqs), name=""), "name: expected"),
+        ("long name", wire.SaveState(model_id=run, seq_id=next(seqs), name="n" * 300), "name: expected"),
+        ("negative ttl", wire.SaveState(model_id=run, seq_id=next(seqs), name="t", ttl_seconds=-5), "ttl_seconds: expected"),
+        ("not a tinker path", wire.LoadState(model_id=run, seq_id=next(seqs), path="/etc/passwd"), "path: expected 'tinker://"),
+        ("unknown checkpoint", wire.LoadState(model_id=run, seq_id=next(seqs), path=f"tinker://{run}/weights/none"), "path: unknown checkpoint"),
+        ("sampler path as state", wire.LoadState(model_id=run, seq_id=next(seqs), path=f"tinker://{run}/sampler_weights/x"),
          "path: expected a 'weights' checkpoint"),
         # sampling parameters
         ("negative temperature", sample(temperature=-1.0), "temperature"),
@@ -142,7 +142,7 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
                              prompt={"chunks": []}, sampling_params={}), "prompt: expected at least one token"),
         ("prompt over the context", raw("Sample", sampling_session_id=sampler, seq_id=next(other), num_samples=1,
                                         prompt=plain(ModelInput.from_ints(big)), sampling_params={}), "prompt: expected at most"),
-        ("sampler of no one", _wire.Sample(sampling_session_id=f"{session}:sample:999", seq_id=1, num_samples=1,
+        ("sampler of no one", wire.Sample(sampling_session_id=f"{session}:sample:999", seq_id=1, num_samples=1,
                                            prompt=ModelInput.from_ints([1]), sampling_params=SamplingParams()), "sampling_session_id: unknown"),
     ]
 
@@ -159,9 +159,9 @@ async def test_bad_native_requests_are_named_4xx_and_harm_no_one(keyed_server):
     async with RawClient(keyed_server.base_url, TENANT_KEYS["mallory"]) as mallory, \
             RawClient(keyed_server.base_url, TENANT_KEYS["frank"]) as frank:
         session, run = await mallory.new_run()
-        kept = await mallory.call(_wire.SaveState(model_id=run, seq_id=1, name="kept"))
+        kept = await mallory.call(wire.SaveState(model_id=run, seq_id=1, name="kept"))
         sampler = f"{session}:sample:0"
-        await mallory.call(_wire.CreateSamplingSession(sampling_session_id=sampler, base_model=TINY))
+        await mallory.call(wire.CreateSamplingSession(sampling_session_id=sampler, base_model=TINY))
         _, victim = await frank.new_run(seed=1)
         _, solo = await frank.new_run(seed=1)
 
@@ -170,7 +170,7 @@ async def test_bad_native_requests_are_named_4xx_and_harm_no_one(keyed_server):
         seqs = iter(range(2, 10**6))
         for case, request, expected in battery(run, session, sampler, seqs):
             failure = await mallory.call(request)
-            assert isinstance(failure, _wire.Failure), (case, failure)
+            assert isinstance(failure, wire.Failure), (case, failure)
             assert 400 <= failure.status < 500 and failure.category == "user", (case, failure)
             assert expected in failure.message, (case, failure.message)
         shared = await frank_training
@@ -179,7 +179,7 @@ async def test_bad_native_requests_are_named_4xx_and_harm_no_one(keyed_server):
         # Mallory's run is fine too, and what she had stored is intact.
         next_seq = next(seqs)
         assert loss(await mallory.call(fb(run, next_seq))) > 0
-        loaded = await mallory.call(_wire.LoadState(model_id=run, seq_id=next_seq + 1, path=kept.path))
+        loaded = await mallory.call(wire.LoadState(model_id=run, seq_id=next_seq + 1, path=kept.path))
         assert loaded.path == kept.path
     async with aiohttp.ClientSession() as http, http.get(keyed_server.base_url + "/api/v1/healthz") as reply:
         assert reply.status == 200

@@ -7,7 +7,7 @@ import torch
 
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
 from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
-from tinker_backend.models import resolve_model
+from tinker_backend.model_registry import resolve_model
 
 
 def data(seed: int) -> list[Datum]:

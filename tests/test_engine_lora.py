@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
 from tinker_backend.engine.lora import LoraLinear, LoraRouting, LoraWeights, Segment
 from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
-from tinker_backend.models import resolve_model
+from tinker_backend.model_registry import resolve_model
 
 
 def make_datum(generator: torch.Generator, vocab: int, n: int, k: int = 0) -> Datum:

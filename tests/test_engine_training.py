@@ -10,7 +10,7 @@ import torch
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams
 from tinker_backend.checkpoints import atomic_directory
 from tinker_backend.engine.model_engine import ModelEngine
-from tinker_backend.models import resolve_model
+from tinker_backend.model_registry import resolve_model
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 

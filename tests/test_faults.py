@@ -15,9 +15,9 @@ from conftest import ServerProcess
 from native_wire import DATA, TINY, RawClient, datum, fb, loss, step
 
 import tinker
-from tinker import _holder, _wire
+from tinker import _holder, wire
 from tinker.types import AdamParams, LoraConfig, ModelInput, SamplingParams
-from tinker_backend.service import Backend
+from tinker_backend.request_handler import Backend
 
 PROMPT = ModelInput.from_ints([1, 2, 3])
 SAMPLING = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
@@ -141,17 +141,17 @@ async def test_an_exception_inside_one_request_fails_only_that_request(tmp_path)
     backend = Backend(tmp_path)
 
     async def call(request):
-        outcome = await backend.handle_encoded(_wire.encoder.encode(request), "local")
-        return outcome if isinstance(outcome, _wire.Failure) else _wire.decode_response(type(request), outcome)
+        outcome = await backend.handle_encoded(wire.encoder.encode(request), "local")
+        return outcome if isinstance(outcome, wire.Failure) else wire.decode_response(type(request), outcome)
 
     async def new_run(seed):
-        session = await call(_wire.CreateSession())
-        created = await call(_wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY,
+        session = await call(wire.CreateSession())
+        created = await call(wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY,
                                                lora_config=LoraConfig(rank=4, seed=seed)))
         return created.model_id
 
     faulty, healthy, solo = await new_run(0), await new_run(1), await new_run(1)
-    saved = await call(_wire.SaveState(model_id=faulty, seq_id=1, name="before"))
+    saved = await call(wire.SaveState(model_id=faulty, seq_id=1, name="before"))
     engine = await backend._schedulers[TINY].engine()
     real_step, real_save = engine.optim_step, engine.save_state
 
@@ -169,19 +169,19 @@ async def test_an_exception_inside_one_request_fails_only_that_request(tmp_path)
 
     engine.optim_step, engine.save_state = optim_step, save_state
     results = await asyncio.gather(
-        call(fb(faulty, 2)), call(step(faulty, 3)), call(_wire.SaveState(model_id=faulty, seq_id=4, name="before")),
+        call(fb(faulty, 2)), call(step(faulty, 3)), call(wire.SaveState(model_id=faulty, seq_id=4, name="before")),
         call(fb(healthy, 1)), call(step(healthy, 2)), call(fb(healthy, 3)),
     )
     engine.optim_step, engine.save_state = real_step, real_save
     broken_step, broken_save = results[1], results[2]
-    assert isinstance(broken_step, _wire.Failure) and broken_step.status == 500 and "injected" in broken_step.message
-    assert isinstance(broken_save, _wire.Failure) and broken_save.status == 500 and "No space" in broken_save.message
+    assert isinstance(broken_step, wire.Failure) and broken_step.status == 500 and "injected" in broken_step.message
+    assert isinstance(broken_save, wire.Failure) and broken_save.status == 500 and "No space" in broken_save.message
     # The other run, in the same cycles, got exactly what it gets alone.
     alone = [loss(await call(fb(solo, 1))), await call(step(solo, 2)), loss(await call(fb(solo, 3)))]
     assert [loss(results[3]), loss(results[5])] == [alone[0], alone[2]]
     # The failing run goes on, and its checkpoint of that name is the one saved before.
     assert loss(await call(fb(faulty, 5))) > 0
-    loaded = await call(_wire.LoadState(model_id=faulty, seq_id=6, path=saved.path))
+    loaded = await call(wire.LoadState(model_id=faulty, seq_id=6, path=saved.path))
     assert loaded.path == saved.path
     backend.close()
 
@@ -205,10 +205,10 @@ async def test_missed_heartbeats_free_the_sessions_slots(tmp_path, monkeypatch, 
     # Its heartbeats keep its slot, past the session timeout.
     await asyncio.sleep(4)
     async with RawClient(server.base_url, key) as late:
-        session = await late.call(_wire.CreateSession())
-        refused = await late.call(_wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY,
+        session = await late.call(wire.CreateSession())
+        refused = await late.call(wire.CreateModel(session_id=session.session_id, model_seq_id=0, base_model=TINY,
                                                     lora_config=LoraConfig(rank=4)))
-        assert isinstance(refused, _wire.Failure) and refused.status == 429
+        assert isinstance(refused, wire.Failure) and refused.status == 429
     assert loss(await tc.forward_backward(DATA, "cross_entropy")) > 0
     await live.close()
     assert server.stop() == 0

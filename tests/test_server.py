@@ -10,7 +10,7 @@ import pytest
 from conftest import ServerProcess
 
 import tinker
-from tinker import _wire
+from tinker import wire
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -32,17 +32,17 @@ def test_clean_shutdown_with_a_connected_client(tmp_path, sig):
 async def test_garbage_frames_get_a_400_and_the_connection_survives(server):
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{server.base_url}/native/v1/ws") as ws:
         await ws.send_bytes(b"\xc1 not msgpack")
-        reply = _wire.server_frame_decoder.decode((await ws.receive()).data)
-        assert isinstance(reply, _wire.Failure) and reply.status == 400
-        bad_request = _wire.encoder.encode(_wire.Submit(7, msgspec.Raw(_wire.encoder.encode({"type": "Nope"}))))
+        reply = wire.server_frame_decoder.decode((await ws.receive()).data)
+        assert isinstance(reply, wire.Failure) and reply.status == 400
+        bad_request = wire.encoder.encode(wire.Submit(7, msgspec.Raw(wire.encoder.encode({"type": "Nope"}))))
         await ws.send_bytes(bad_request)
-        reply = _wire.server_frame_decoder.decode((await ws.receive()).data)
-        assert isinstance(reply, _wire.Failure) and reply.call_id == 7 and reply.status == 400
+        reply = wire.server_frame_decoder.decode((await ws.receive()).data)
+        assert isinstance(reply, wire.Failure) and reply.call_id == 7 and reply.status == 400
         assert "Nope" in reply.message
-        ok = _wire.encoder.encode(_wire.Submit(8, msgspec.Raw(_wire.encoder.encode(_wire.GetServerCapabilities()))))
+        ok = wire.encoder.encode(wire.Submit(8, msgspec.Raw(wire.encoder.encode(wire.GetServerCapabilities()))))
         await ws.send_bytes(ok)
-        reply = _wire.server_frame_decoder.decode((await ws.receive()).data)
-        assert isinstance(reply, _wire.Result) and reply.call_id == 8
+        reply = wire.server_frame_decoder.decode((await ws.receive()).data)
+        assert isinstance(reply, wire.Result) and reply.call_id == 8
 
 
 def test_unreachable_server_is_a_connection_error():

@@ -13,10 +13,10 @@ import msgspec
 import pytest
 from native_wire import DATA, TINY, fb, loss, step
 
-from tinker import _wire
+from tinker import wire
 from tinker.types import LoraConfig
 from tinker_backend.errors import ServiceError
-from tinker_backend.service import Backend
+from tinker_backend.request_handler import Backend
 from tinker_backend.store import CheckpointRecord, Store, iso_in, now_iso
 
 OWNER = "local"
@@ -76,9 +76,9 @@ def test_expired_checkpoints_disappear_at_once_and_futures_die_with_the_process(
 
 
 async def new_run(backend: Backend, seed: int = 0) -> str:
-    session = await backend.handle(_wire.CreateSession(), OWNER)
+    session = await backend.handle(wire.CreateSession(), OWNER)
     created = await backend.handle(
-        _wire.CreateModel(
+        wire.CreateModel(
             session_id=session.session_id, model_seq_id=0, base_model=TINY, lora_config=LoraConfig(rank=4, seed=seed)
         ),
         OWNER,
@@ -101,23 +101,23 @@ async def test_a_restarted_backend_lists_everything_and_resumes_runs_exactly(tmp
     run = await new_run(first, seed=3)
     twin = await new_run(first, seed=3)
     await train(first, run, 1, steps=2)
-    saved = await first.handle(_wire.SaveState(model_id=run, seq_id=5, name="ckpt"), OWNER)
+    saved = await first.handle(wire.SaveState(model_id=run, seq_id=5, name="ckpt"), OWNER)
     await first.handle(fb(run, 6, forward_only=True), OWNER)  # answered, but changes nothing
     await train(first, twin, 1, steps=2)
-    await first.handle(_wire.SaveState(model_id=twin, seq_id=5, name="ckpt"), OWNER)
+    await first.handle(wire.SaveState(model_id=twin, seq_id=5, name="ckpt"), OWNER)
     await first.handle(fb(twin, 6, forward_only=True), OWNER)
     expected = await train(first, twin, 7, steps=2)
     first.close()
 
     second = Backend(tmp_path)
-    runs = await second.handle(_wire.ListTrainingRuns(), OWNER)
+    runs = await second.handle(wire.ListTrainingRuns(), OWNER)
     assert {r.training_run_id for r in runs.training_runs} == {run, twin}
-    listed = await second.handle(_wire.ListCheckpoints(training_run_id=run), OWNER)
+    listed = await second.handle(wire.ListCheckpoints(training_run_id=run), OWNER)
     assert [c.tinker_path for c in listed.checkpoints] == [saved.path]
     # The run resumes after its last answered request, from its last save: exactly.
     assert await train(second, run, 7, steps=2) == expected
     # A re-sent save that ran before the restart gets its answer again; other lost answers are a 410.
-    assert (await second.handle(_wire.SaveState(model_id=run, seq_id=5, name="ckpt"), OWNER)).path == saved.path
+    assert (await second.handle(wire.SaveState(model_id=run, seq_id=5, name="ckpt"), OWNER)).path == saved.path
     with pytest.raises(ServiceError, match="answer was lost") as lost:
         await second.handle(fb(run, 2), OWNER)
     assert lost.value.status == 410
@@ -128,7 +128,7 @@ async def test_a_run_whose_unsaved_work_was_answered_is_refused_clearly(tmp_path
     first = Backend(tmp_path)
     run = await new_run(first)
     await train(first, run, 1, steps=1)
-    await first.handle(_wire.SaveState(model_id=run, seq_id=3, name="ckpt"), OWNER)
+    await first.handle(wire.SaveState(model_id=run, seq_id=3, name="ckpt"), OWNER)
     await train(first, run, 4, steps=1)  # changes the adapter after the save; answered
     first.close()
 
@@ -137,10 +137,10 @@ async def test_a_run_whose_unsaved_work_was_answered_is_refused_clearly(tmp_path
         await second.handle(fb(run, 6), OWNER)
     assert refused.value.status == 410
     # Its checkpoint still resumes it, in a new run.
-    session = await second.handle(_wire.CreateSession(), OWNER)
+    session = await second.handle(wire.CreateSession(), OWNER)
     path = f"tinker://{run}/weights/ckpt"
     resumed = await second.handle(
-        _wire.CreateModelFromState(session_id=session.session_id, model_seq_id=0, path=path, with_optimizer=True),
+        wire.CreateModelFromState(session_id=session.session_id, model_seq_id=0, path=path, with_optimizer=True),
         OWNER,
     )
     assert loss(await second.handle(fb(resumed.model_id, 1), OWNER)) > 0
@@ -162,10 +162,10 @@ async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
     backend = Backend(tmp_path)
     run = await new_run(backend)
     with pytest.raises(ServiceError, match=r"ttl_seconds: expected None or 3600 to .*got 5"):
-        await backend.handle(_wire.SaveState(model_id=run, seq_id=1, name="short", ttl_seconds=5), OWNER)
-    kept = await backend.handle(_wire.SaveState(model_id=run, seq_id=2, name="kept"), OWNER)
-    ttl = await backend.handle(_wire.SaveState(model_id=run, seq_id=3, name="ttl", ttl_seconds=3600), OWNER)
-    listed = {c.tinker_path: c for c in (await backend.handle(_wire.ListCheckpoints(training_run_id=run), OWNER)).checkpoints}
+        await backend.handle(wire.SaveState(model_id=run, seq_id=1, name="short", ttl_seconds=5), OWNER)
+    kept = await backend.handle(wire.SaveState(model_id=run, seq_id=2, name="kept"), OWNER)
+    ttl = await backend.handle(wire.SaveState(model_id=run, seq_id=3, name="ttl", ttl_seconds=3600), OWNER)
+    listed = {c.tinker_path: c for c in (await backend.handle(wire.ListCheckpoints(training_run_id=run), OWNER)).checkpoints}
     assert listed[kept.path].expires_at is None
     assert listed[ttl.path].expires_at is not None and listed[ttl.path].expires_at > now_iso()
 
@@ -173,7 +173,7 @@ async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
     record = backend.store.get_checkpoint(run, "weights", "ttl")
     backend.store.put_checkpoint(msgspec.structs.replace(record, expires_at=iso_in(-1)))
     with pytest.raises(ServiceError, match="unknown checkpoint") as gone:
-        await backend.handle(_wire.LoadState(model_id=run, seq_id=4, path=ttl.path), OWNER)
+        await backend.handle(wire.LoadState(model_id=run, seq_id=4, path=ttl.path), OWNER)
     assert gone.value.status == 404
     files = tmp_path / record.directory
     assert files.is_dir()
@@ -182,20 +182,20 @@ async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
 
     # Deletion: the row and the files, and the name can be saved again.
     kept_files = tmp_path / backend.store.get_checkpoint(run, "weights", "kept").directory
-    await backend.handle(_wire.DeleteCheckpoint(tinker_path=kept.path), OWNER)
+    await backend.handle(wire.DeleteCheckpoint(tinker_path=kept.path), OWNER)
     assert not kept_files.exists()
-    assert (await backend.handle(_wire.ListCheckpoints(training_run_id=run), OWNER)).checkpoints == []
-    assert (await backend.handle(_wire.SaveState(model_id=run, seq_id=5, name="kept"), OWNER)).path == kept.path
+    assert (await backend.handle(wire.ListCheckpoints(training_run_id=run), OWNER)).checkpoints == []
+    assert (await backend.handle(wire.SaveState(model_id=run, seq_id=5, name="kept"), OWNER)).path == kept.path
     backend.close()
 
 
 async def test_saving_a_name_again_replaces_it_and_startup_removes_unfinished_saves(tmp_path):
     backend = Backend(tmp_path)
     run = await new_run(backend)
-    await backend.handle(_wire.SaveState(model_id=run, seq_id=1, name="c"), OWNER)
+    await backend.handle(wire.SaveState(model_id=run, seq_id=1, name="c"), OWNER)
     first_dir = tmp_path / backend.store.get_checkpoint(run, "weights", "c").directory
     await train(backend, run, 2, steps=1)
-    await backend.handle(_wire.SaveState(model_id=run, seq_id=4, name="c"), OWNER)
+    await backend.handle(wire.SaveState(model_id=run, seq_id=4, name="c"), OWNER)
     second_dir = tmp_path / backend.store.get_checkpoint(run, "weights", "c").directory
     assert second_dir != first_dir and second_dir.is_dir() and not first_dir.exists()
     backend.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tinker
-from tinker import _wire
+from tinker import wire
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams, TensorData
 
 
@@ -15,7 +15,7 @@ def test_public_surface_is_pinned():
     exported = set(tinker.__all__)
     assert sorted(tinker.__all__) == tinker.__all__
     assert exported <= public
-    modules = {"errors", "futures", "rest_client", "sampling_client", "service_client", "training_client", "types"}
+    modules = {"errors", "futures", "rest_client", "sampling_client", "service_client", "training_client", "types", "validation", "wire"}
     assert public - exported - modules == {"annotations"} or public - exported - modules == set()
 
 
@@ -133,18 +133,18 @@ class TestParams:
 
 class TestWire:
     def test_request_validation_names_path(self):
-        bad = _wire.encoder.encode(
+        bad = wire.encoder.encode(
             {"type": "OptimStep", "model_id": "m", "seq_id": 1, "adam_params": {"learning_rate": -1.0}}
         )
         with pytest.raises(msgspec.ValidationError, match=r"learning_rate.*\$\.adam_params"):
-            _wire.request_decoder.decode(bad)
+            wire.request_decoder.decode(bad)
 
     def test_unknown_field_rejected(self):
-        bad = _wire.encoder.encode({"type": "GetInfo", "model_id": "m", "surprise": 1})
+        bad = wire.encoder.encode({"type": "GetInfo", "model_id": "m", "surprise": 1})
         with pytest.raises(msgspec.ValidationError, match="surprise"):
-            _wire.request_decoder.decode(bad)
+            wire.request_decoder.decode(bad)
 
     def test_every_request_has_a_response_type(self):
         import typing
 
-        assert set(typing.get_args(_wire.Request)) == set(_wire.RESPONSE_TYPES)
+        assert set(typing.get_args(wire.Request)) == set(wire.RESPONSE_TYPES)

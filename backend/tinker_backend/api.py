@@ -14,11 +14,11 @@ from pathlib import Path
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from tinker import _wire
+from tinker import wire
 from tinker_backend import auth
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
-from tinker_backend.service import Backend
+from tinker_backend.request_handler import Backend
 from tinker_backend.tenancy import KeyLimits
 
 logger = logging.getLogger("tinker_backend.api")
@@ -52,10 +52,10 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
 
     async def answer(call_id: int, data: bytes) -> None:
         outcome = await backend.handle_encoded(data, owner)
-        if isinstance(outcome, _wire.Failure):
-            frame = _wire.encoder.encode(msgspec.structs.replace(outcome, call_id=call_id))
+        if isinstance(outcome, wire.Failure):
+            frame = wire.encoder.encode(msgspec.structs.replace(outcome, call_id=call_id))
         else:
-            frame = _wire.encoder.encode(_wire.Result(call_id, msgspec.Raw(outcome)))
+            frame = wire.encoder.encode(wire.Result(call_id, msgspec.Raw(outcome)))
         if not ws.closed:
             try:
                 await ws.send_bytes(frame)
@@ -69,13 +69,13 @@ async def native_ws(request: web.Request) -> web.WebSocketResponse:
         if message.type != WSMsgType.BINARY:
             continue
         try:
-            submit = _wire.submit_decoder.decode(message.data)
+            submit = wire.submit_decoder.decode(message.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            await ws.send_bytes(_wire.encoder.encode(_wire.Failure(0, 400, f"invalid frame: {e}", "user")))
+            await ws.send_bytes(wire.encoder.encode(wire.Failure(0, 400, f"invalid frame: {e}", "user")))
             continue
         if not auth.still_valid(request):  # revoked while connected
-            failure = _wire.Failure(submit.call_id, 401, "X-API-Key: the key of this connection was revoked", "user")
-            await ws.send_bytes(_wire.encoder.encode(failure))
+            failure = wire.Failure(submit.call_id, 401, "X-API-Key: the key of this connection was revoked", "user")
+            await ws.send_bytes(wire.encoder.encode(failure))
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"API key revoked")
             break
         task = asyncio.create_task(answer(submit.call_id, bytes(submit.request)))

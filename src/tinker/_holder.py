@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tinker import _wire
+from tinker import wire
 from tinker._transport import EmbeddedTransport, Transport, WebSocketTransport
 from tinker.errors import NotFoundError, TinkerError
 from tinker.futures import APIFuture, BackgroundLoop
@@ -69,7 +69,7 @@ class Holder:
             return self._session
 
     async def _create_session(self) -> str:
-        reply = await self.call(_wire.CreateSession(user_metadata=self._user_metadata))
+        reply = await self.call(wire.CreateSession(user_metadata=self._user_metadata))
         if isinstance(self.transport, WebSocketTransport):  # the embedded backend never expires sessions
             self._heartbeat = asyncio.create_task(self._send_heartbeats(reply.session_id))
         return reply.session_id
@@ -78,7 +78,7 @@ class Holder:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
-                await self.transport.call(_wire.Heartbeat(session_id=session_id))
+                await self.transport.call(wire.Heartbeat(session_id=session_id))
             except NotFoundError:  # the server does not know the session (a new data dir): stop
                 return
             except TinkerError as e:
@@ -97,7 +97,7 @@ class Holder:
         with self._lock:
             if base_model in self._tokenizers:
                 return self._tokenizers[base_model]
-        files = self.submit(self.call(_wire.GetTokenizer(base_model=base_model))).future().result().files
+        files = self.submit(self.call(wire.GetTokenizer(base_model=base_model))).future().result().files
         tokenizer = _load_tokenizer(base_model, files)
         with self._lock:
             self._tokenizers.setdefault(base_model, tokenizer)

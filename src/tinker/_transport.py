@@ -17,7 +17,7 @@ from typing import Any, ClassVar, NoReturn, Protocol
 import aiohttp
 import msgspec
 
-from tinker import _wire
+from tinker import wire
 from tinker.errors import APIConnectionError, RequestFailedError, TinkerError, error_for_status
 
 logger = logging.getLogger("tinker")
@@ -42,7 +42,7 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def raise_failure(failure: _wire.Failure) -> NoReturn:
+def raise_failure(failure: wire.Failure) -> NoReturn:
     """Turn a server ``Failure`` into the matching client error."""
     if failure.status >= 500:
         raise RequestFailedError(failure.message, failure.category)
@@ -56,7 +56,7 @@ class EmbeddedTransport:
     _shared_lock = threading.Lock()
 
     def __init__(self, data_dir: Path) -> None:
-        from tinker_backend.service import Backend
+        from tinker_backend.request_handler import Backend
 
         self.backend = Backend(data_dir)
 
@@ -70,18 +70,18 @@ class EmbeddedTransport:
             return cls._shared[str(path)]
 
     async def call(self, request: Any) -> Any:
-        outcome = await self.backend.handle_encoded(_wire.encoder.encode(request), owner="local")
-        if isinstance(outcome, _wire.Failure):
+        outcome = await self.backend.handle_encoded(wire.encoder.encode(request), owner="local")
+        if isinstance(outcome, wire.Failure):
             raise_failure(outcome)
-        return _wire.decode_response(type(request), outcome)
+        return wire.decode_response(type(request), outcome)
 
     async def aclose(self) -> None:
         """The shared backend outlives any one client; it stops with the process."""
 
 
-def _too_big(call_id: int, size: int, how: str) -> _wire.Failure:
+def _too_big(call_id: int, size: int, how: str) -> wire.Failure:
     message = f"request: expected an encoded request within the server's size limit, got {size} bytes{how}"
-    return _wire.Failure(call_id, 413, message, "user")
+    return wire.Failure(call_id, 413, message, "user")
 
 
 def default_data_dir() -> Path:
@@ -104,30 +104,30 @@ class WebSocketTransport:
         self._closed = False
 
     async def call(self, request: Any) -> Any:
-        payload = _wire.encoder.encode(request)
+        payload = wire.encoder.encode(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RATE_LIMIT_TIMEOUT_S
         while True:
             reply = await self._call_once(payload)
-            if not (isinstance(reply, _wire.Failure) and reply.status == 429 and loop.time() < deadline):
+            if not (isinstance(reply, wire.Failure) and reply.status == 429 and loop.time() < deadline):
                 break
             delay = min(reply.retry_after or _RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S)
             logger.info("rate limited (%s); sending %s again in %.1fs", reply.message, type(request).__name__, delay)
             await asyncio.sleep(delay)
-        if isinstance(reply, _wire.Failure) and reply.status == 413 and isinstance(request, _wire.TrainingRequest):
+        if isinstance(reply, wire.Failure) and reply.status == 413 and isinstance(request, wire.TrainingRequest):
             # The server never read it, but its seq_id must still take its place in the run's
             # order, or every later request of the run waits on the gap: send a request the
             # server refuses (no data) in its place.
-            await self._call_once(_wire.encoder.encode(_wire.ForwardBackward(
+            await self._call_once(wire.encoder.encode(wire.ForwardBackward(
                 model_id=request.model_id, seq_id=request.seq_id, data=[], loss_fn="cross_entropy", forward_only=True
             )))
-        if isinstance(reply, _wire.Failure):
+        if isinstance(reply, wire.Failure):
             raise_failure(reply)
-        return _wire.decode_response(type(request), reply.payload)
+        return wire.decode_response(type(request), reply.payload)
 
-    async def _call_once(self, payload: bytes) -> _wire.Result | _wire.Failure:
+    async def _call_once(self, payload: bytes) -> wire.Result | wire.Failure:
         call_id = next(self._ids)
-        frame = _wire.encoder.encode(_wire.Submit(call_id, msgspec.Raw(payload)))
+        frame = wire.encoder.encode(wire.Submit(call_id, msgspec.Raw(payload)))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = (frame, done)
         try:
@@ -185,7 +185,7 @@ class WebSocketTransport:
         async for message in ws:
             if message.type != aiohttp.WSMsgType.BINARY:
                 continue
-            frame = _wire.server_frame_decoder.decode(message.data)
+            frame = wire.server_frame_decoder.decode(message.data)
             entry = self._pending.get(frame.call_id)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(frame)

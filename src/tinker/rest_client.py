@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tinker import _wire
+from tinker import wire
 from tinker._holder import Holder
 from tinker.futures import APIFuture
 from tinker.types import (
@@ -33,29 +33,29 @@ class RestClient:
         return self._holder.submit(self._holder.call(request))
 
     def get_server_capabilities(self) -> APIFuture[GetServerCapabilitiesResponse]:
-        return self._call(_wire.GetServerCapabilities())
+        return self._call(wire.GetServerCapabilities())
 
     def list_training_runs(self, limit: int = 20, offset: int = 0) -> APIFuture[TrainingRunsResponse]:
-        return self._call(_wire.ListTrainingRuns(limit=limit, offset=offset))
+        return self._call(wire.ListTrainingRuns(limit=limit, offset=offset))
 
     def get_training_run(self, training_run_id: str) -> APIFuture[TrainingRun]:
-        return self._call(_wire.GetTrainingRun(training_run_id=training_run_id))
+        return self._call(wire.GetTrainingRun(training_run_id=training_run_id))
 
     def get_training_run_by_tinker_path(self, tinker_path: str) -> APIFuture[TrainingRun]:
         run_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
         return self.get_training_run(run_id)
 
     def list_checkpoints(self, training_run_id: str) -> APIFuture[CheckpointsListResponse]:
-        return self._call(_wire.ListCheckpoints(training_run_id=training_run_id))
+        return self._call(wire.ListCheckpoints(training_run_id=training_run_id))
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[CheckpointsListResponse]:
-        return self._call(_wire.ListUserCheckpoints(limit=limit, offset=offset))
+        return self._call(wire.ListUserCheckpoints(limit=limit, offset=offset))
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
-        return self._call(_wire.DeleteCheckpoint(tinker_path=tinker_path)).map(lambda _: None)
+        return self._call(wire.DeleteCheckpoint(tinker_path=tinker_path)).map(lambda _: None)
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
         return self.delete_checkpoint_from_tinker_path(f"tinker://{training_run_id}/{checkpoint_id}")
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
-        return self._call(_wire.GetWeightsInfo(tinker_path=tinker_path))
+        return self._call(wire.GetWeightsInfo(tinker_path=tinker_path))

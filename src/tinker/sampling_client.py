@@ -6,7 +6,7 @@ import threading
 from collections.abc import Generator
 from typing import Any
 
-from tinker import _wire
+from tinker import wire
 from tinker._holder import Holder, wrap
 from tinker.futures import APIFuture
 from tinker.types import ModelInput, SampleResponse, SamplingParams
@@ -20,7 +20,7 @@ class SamplingClient:
     awaitable, like ``TrainingClient``, and safe to share between tasks and threads.
     """
 
-    def __init__(self, holder: Holder, created: APIFuture[_wire.SamplingSessionCreated]) -> None:
+    def __init__(self, holder: Holder, created: APIFuture[wire.SamplingSessionCreated]) -> None:
         self._holder = holder
         self._created = created
         self._seq_lock = threading.Lock()
@@ -36,10 +36,10 @@ class SamplingClient:
             raise ValueError(f"model_path: expected 'tinker://<run_id>/sampler_weights/<name>', got {model_path!r}")
         sampler_seq = holder.next_sampler_seq()
 
-        async def run() -> _wire.SamplingSessionCreated:
+        async def run() -> wire.SamplingSessionCreated:
             session_id = await wrap(holder.session_id())
             return await holder.call(
-                _wire.CreateSamplingSession(
+                wire.CreateSamplingSession(
                     sampling_session_id=f"{session_id}:sample:{sampler_seq}",
                     model_path=model_path,
                     base_model=base_model,
@@ -92,7 +92,7 @@ class SamplingClient:
         async def run() -> SampleResponse:
             created = await wrap(self._created)
             return await self._holder.call(
-                _wire.Sample(
+                wire.Sample(
                     sampling_session_id=created.sampling_session_id,
                     seq_id=seq_id,
                     prompt=prompt,

@@ -6,7 +6,7 @@ import os
 from types import TracebackType
 from typing import Any
 
-from tinker import _wire
+from tinker import wire
 from tinker._holder import Holder, wrap
 from tinker.futures import APIFuture
 from tinker.sampling_client import SamplingClient
@@ -55,10 +55,10 @@ class ServiceClient:
         )
         model_seq = self.holder.next_model_seq()
 
-        async def run() -> _wire.ModelCreated:
+        async def run() -> wire.ModelCreated:
             session_id = await wrap(self.holder.session_id())
             return await self.holder.call(
-                _wire.CreateModel(
+                wire.CreateModel(
                     session_id=session_id,
                     model_seq_id=model_seq,
                     base_model=base_model,
@@ -82,10 +82,10 @@ class ServiceClient:
             raise ValueError(f"path: expected 'tinker://<run_id>/weights/<name>', got {path!r}")
         model_seq = self.holder.next_model_seq()
 
-        async def run() -> _wire.ModelCreated:
+        async def run() -> wire.ModelCreated:
             session_id = await wrap(self.holder.session_id())
             return await self.holder.call(
-                _wire.CreateModelFromState(
+                wire.CreateModelFromState(
                     session_id=session_id, model_seq_id=model_seq, path=path, with_optimizer=with_optimizer
                 )
             )
@@ -100,7 +100,7 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> APIFuture[GetServerCapabilitiesResponse]:
         """The models this backend can train and sample."""
-        return self.holder.submit(self.holder.call(_wire.GetServerCapabilities()))
+        return self.holder.submit(self.holder.call(wire.GetServerCapabilities()))
 
     def create_rest_client(self) -> Any:
         from tinker.rest_client import RestClient

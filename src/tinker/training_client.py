@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tinker import _wire
+from tinker import wire
 from tinker._holder import Holder, wrap
 from tinker.futures import APIFuture
 from tinker.types import (
@@ -40,7 +40,7 @@ class TrainingClient:
     and ``tc.result()`` waits for the run to exist; methods may be called before that.
     """
 
-    def __init__(self, holder: Holder, created: APIFuture[_wire.ModelCreated]) -> None:
+    def __init__(self, holder: Holder, created: APIFuture[wire.ModelCreated]) -> None:
         self._holder = holder
         self._created = created
         self._seq_lock = threading.Lock()
@@ -109,7 +109,7 @@ class TrainingClient:
         data = _check_data(data, loss_fn)
         config = _check_config(loss_fn_config)
         return self._submit(
-            lambda model_id, seq_id: _wire.ForwardBackward(
+            lambda model_id, seq_id: wire.ForwardBackward(
                 model_id=model_id,
                 seq_id=seq_id,
                 data=data,
@@ -149,7 +149,7 @@ class TrainingClient:
 
             model_id = (await wrap(self._created)).model_id
             forward = await self._holder.call(
-                _wire.ForwardBackward(
+                wire.ForwardBackward(
                     model_id=model_id, seq_id=first_seq, data=surrogate_inputs,
                     loss_fn="cross_entropy", forward_only=True,
                 )
@@ -170,7 +170,7 @@ class TrainingClient:
                 for d, lp in zip(surrogate_inputs, logprobs, strict=True)
             ]
             backward = await self._holder.call(
-                _wire.ForwardBackward(
+                wire.ForwardBackward(
                     model_id=model_id, seq_id=first_seq + 1, data=weighted, loss_fn="cross_entropy"
                 )
             )
@@ -192,14 +192,14 @@ class TrainingClient:
         if not isinstance(params, AdamParams):
             raise TypeError(f"adam_params: expected tinker.AdamParams, got {type(params).__name__}")
         return self._submit(
-            lambda model_id, seq_id: _wire.OptimStep(model_id=model_id, seq_id=seq_id, adam_params=params)
+            lambda model_id, seq_id: wire.OptimStep(model_id=model_id, seq_id=seq_id, adam_params=params)
         )
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
         """Save adapter and optimizer state as ``tinker://<run>/weights/<name>`` (for resuming)."""
         _check_name(name)
         return self._submit(
-            lambda model_id, seq_id: _wire.SaveState(
+            lambda model_id, seq_id: wire.SaveState(
                 model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
             )
         )
@@ -215,7 +215,7 @@ class TrainingClient:
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
         _check_path(path)
         return self._submit(
-            lambda model_id, seq_id: _wire.LoadState(
+            lambda model_id, seq_id: wire.LoadState(
                 model_id=model_id, seq_id=seq_id, path=path, with_optimizer=with_optimizer
             )
         )
@@ -226,7 +226,7 @@ class TrainingClient:
         """Save the adapter alone as ``tinker://<run>/sampler_weights/<name>`` (PEFT format)."""
         _check_name(name)
         return self._submit(
-            lambda model_id, seq_id: _wire.SaveWeightsForSampler(
+            lambda model_id, seq_id: wire.SaveWeightsForSampler(
                 model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
             )
         )
@@ -241,16 +241,16 @@ class TrainingClient:
         sampler_seq = self._holder.next_sampler_seq()
         seq_id = self._reserve()
 
-        async def run() -> _wire.SamplingSessionCreated:
+        async def run() -> wire.SamplingSessionCreated:
             model_id = (await wrap(self._created)).model_id
             session_id = await wrap(self._holder.session_id())
             sampling_session_id = f"{session_id}:sample:{sampler_seq}"
             await self._holder.call(
-                _wire.SaveWeightsForSampler(
+                wire.SaveWeightsForSampler(
                     model_id=model_id, seq_id=seq_id, sampling_session_id=sampling_session_id
                 )
             )
-            return _wire.SamplingSessionCreated(
+            return wire.SamplingSessionCreated(
                 sampling_session_id=sampling_session_id, base_model=self._base_model()
             )
 

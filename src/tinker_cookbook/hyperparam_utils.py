@@ -39,9 +39,9 @@ def load_model_config(model_name: str) -> dict[str, Any]:
     folder = Path(model_name).expanduser()
     if not (folder / "config.json").is_file():
         try:
-            from tinker_backend import models
+            from tinker_backend import model_registry
 
-            folder = models.resolve_model(model_name)
+            folder = model_registry.resolve_model(model_name)
         except ImportError:
             raise ConfigurationError(f"model_name: no config.json for {model_name!r} on this machine") from None
         except ValueError as e:

@@ -38,13 +38,13 @@ def get_tokenizer(model_name: str) -> Tokenizer:
     if (Path(model_name).expanduser() / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(Path(model_name).expanduser())
     try:
-        from tinker_backend import models
+        from tinker_backend import model_registry
     except ImportError:  # a client-only install
         models = None
     if models is not None:
         try:
-            return AutoTokenizer.from_pretrained(models.resolve_model(model_name))
-        except models.UnknownModelError:
+            return AutoTokenizer.from_pretrained(model_registry.resolve_model(model_name))
+        except model_registry.UnknownModelError:
             pass
     try:
         return AutoTokenizer.from_pretrained(model_name, local_files_only=True)

@@ -42,10 +42,10 @@ def test_lora_param_count_equals_the_backends_adapter(flags):
     """Count what the backend actually trains for the tiny model (its LoRA layers, on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tinker_backend import models
+    from tinker_backend import model_registry
     from tinker_backend.engine.lora import LoraRouting, attach_lora_layers, target_paths
 
-    folder = models.resolve_model(TINY)
+    folder = model_registry.resolve_model(TINY)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     layers = attach_lora_layers(model, LoraRouting())

@@ -1,7 +1,7 @@
 """The public Tinker HTTP protocol under ``/api/v1``: a translation layer onto ``Backend.handle``.
 
 Each route decodes the official SDK's request (JSON; protobuf for ``forward_backward``),
-builds the native request of ``tinker._wire`` (validated by msgspec exactly as on the native
+builds the native request of ``tinker.wire`` (validated by msgspec exactly as on the native
 wire) and either answers at once or, for long-running calls, starts it in the future table
 and answers ``{request_id}``; ``retrieve_future`` then long-polls for the answer. Errors are
 ``{"error", "category"}`` with an HTTP status, and name the field at fault.
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from tinker import _wire
+from tinker import wire
 from tinker.types import ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, SampleResponse
-from tinker_backend import auth, models
+from tinker_backend import auth, model_registry
 from tinker_backend.compat import proto
 from tinker_backend.compat.futures import Entry, FutureTable
 from tinker_backend.compat.sessions import Session, Sessions
@@ -32,7 +32,7 @@ from tinker_backend.errors import ServiceError
 from tinker_backend.tenancy import RateLimited
 
 if TYPE_CHECKING:
-    from tinker_backend.service import Backend
+    from tinker_backend.request_handler import Backend
 
 logger = logging.getLogger("tinker_backend.compat")
 
@@ -340,7 +340,7 @@ class TinkerHttpApi:
         owner = owner_of(request)
         body = await _body(request, CreateSessionBody)
         metadata = {key: str(value) for key, value in (body.user_metadata or {}).items()}
-        created = await self._call(_convert(_wire.CreateSession, user_metadata=metadata), owner)
+        created = await self._call(_convert(wire.CreateSession, user_metadata=metadata), owner)
         self.sessions.add(created.session_id, Session(owner, metadata, body.display_name))
         return _json({"type": "create_session", "session_id": created.session_id})
 
@@ -349,7 +349,7 @@ class TinkerHttpApi:
         session_id = (await _body(request, SessionBody)).session_id
         if self.sessions.finished(session_id, owner):  # a 410 stops the SDK's heartbeat loop
             raise ServiceError(410, f"session_id: session {session_id!r} has finished")
-        await self._call(_wire.Heartbeat(session_id=session_id), owner)  # keeps the session's runs loaded
+        await self._call(wire.Heartbeat(session_id=session_id), owner)  # keeps the session's runs loaded
         return _json({"type": "session_heartbeat"})
 
     async def finish_session(self, request: web.Request) -> web.Response:
@@ -388,7 +388,7 @@ class TinkerHttpApi:
             )
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
-        def created(result: _wire.ModelCreated) -> dict[str, str]:
+        def created(result: wire.ModelCreated) -> dict[str, str]:
             self.sessions.record_run(result.model_id, owner)
             return {"model_id": result.model_id, "type": "create_model"}
 
@@ -396,7 +396,7 @@ class TinkerHttpApi:
             owner,
             f"{model_id}/0",
             lambda: _convert(
-                _wire.CreateModel,
+                wire.CreateModel,
                 session_id=body.session_id,
                 model_seq_id=body.model_seq_id,
                 base_model=body.base_model,
@@ -410,7 +410,7 @@ class TinkerHttpApi:
     async def get_info(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
         body = await _body(request, ModelBody)
-        info: GetInfoResponse = await self._call(_convert(_wire.GetInfo, model_id=body.model_id), owner)
+        info: GetInfoResponse = await self._call(_convert(wire.GetInfo, model_id=body.model_id), owner)
         if _on_loopback(request):
             info = await _with_local_tokenizer(info)
         return _json(info)
@@ -422,7 +422,7 @@ class TinkerHttpApi:
             owner,
             message.model_id,
             message.seq_id,
-            _wire.ForwardBackward,
+            wire.ForwardBackward,
             lambda: proto.forward_backward_fields(message),
         )
 
@@ -439,7 +439,7 @@ class TinkerHttpApi:
                 )
             return {"adam_params": body.adam_params}
 
-        return self._start_ordered(owner, body.model_id, body.seq_id, _wire.OptimStep, fields)
+        return self._start_ordered(owner, body.model_id, body.seq_id, wire.OptimStep, fields)
 
     async def save_weights(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
@@ -450,7 +450,7 @@ class TinkerHttpApi:
                 raise ServiceError(400, "path: expected the checkpoint's name, got none")
             return {"name": body.path, "ttl_seconds": body.ttl_seconds}
 
-        return self._start_ordered(owner, body.model_id, body.seq_id, _wire.SaveState, fields)
+        return self._start_ordered(owner, body.model_id, body.seq_id, wire.SaveState, fields)
 
     async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
         """Named: a ``sampler_weights`` checkpoint. Unnamed: a sampler snapshot whose id comes from
@@ -474,7 +474,7 @@ class TinkerHttpApi:
             return result
 
         return self._start_ordered(
-            owner, body.model_id, body.seq_id, _wire.SaveWeightsForSampler, fields, saved
+            owner, body.model_id, body.seq_id, wire.SaveWeightsForSampler, fields, saved
         )
 
     async def load_weights(self, request: web.Request) -> web.Response:
@@ -482,7 +482,7 @@ class TinkerHttpApi:
         body = await _body(request, LoadWeightsBody)
         if body.model_id is not None and body.seq_id is not None:
             fields = {"path": body.path, "with_optimizer": body.optimizer}
-            return self._start_ordered(owner, body.model_id, body.seq_id, _wire.LoadState, lambda: fields)
+            return self._start_ordered(owner, body.model_id, body.seq_id, wire.LoadState, lambda: fields)
         if body.session_id is None or body.model_seq_id is None:
             raise ServiceError(
                 400,
@@ -491,7 +491,7 @@ class TinkerHttpApi:
             )
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
-        def loaded(result: _wire.ModelCreated) -> LoadWeightsResponse:
+        def loaded(result: wire.ModelCreated) -> LoadWeightsResponse:
             self.sessions.record_run(result.model_id, owner)
             return LoadWeightsResponse(path=body.path)
 
@@ -499,7 +499,7 @@ class TinkerHttpApi:
             owner,
             f"{model_id}/0",
             lambda: _convert(
-                _wire.CreateModelFromState,
+                wire.CreateModelFromState,
                 session_id=body.session_id,
                 model_seq_id=body.model_seq_id,
                 path=body.path,
@@ -516,7 +516,7 @@ class TinkerHttpApi:
         body = await _body(request, CreateSamplingSessionBody)
         sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
         native = _convert(
-            _wire.CreateSamplingSession,
+            wire.CreateSamplingSession,
             sampling_session_id=sampler_id,
             model_path=body.model_path,
             base_model=body.base_model,
@@ -527,8 +527,8 @@ class TinkerHttpApi:
 
     async def get_sampler(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        native = _convert(_wire.GetSampler, sampling_session_id=request.match_info["sampler_id"])
-        sampler: _wire.SamplingSessionCreated = await self._call(native, owner)
+        native = _convert(wire.GetSampler, sampling_session_id=request.match_info["sampler_id"])
+        sampler: wire.SamplingSessionCreated = await self._call(native, owner)
         # Samplers made by save_weights_and_get_sampling_client have no checkpoint path.
         path = sampler.model_path if (sampler.model_path or "").startswith("tinker://") else None
         return _json(
@@ -552,9 +552,9 @@ class TinkerHttpApi:
             raise ServiceError(400, f"num_samples: expected 1 to {_MAX_NUM_SAMPLES}, got {body.num_samples}")
         request_id = f"{body.sampling_session_id}/{body.seq_id}"
 
-        def build() -> _wire.Sample:
+        def build() -> wire.Sample:
             native = _convert(
-                _wire.Sample,
+                wire.Sample,
                 sampling_session_id=body.sampling_session_id,
                 seq_id=body.seq_id,
                 prompt=body.prompt,
@@ -630,39 +630,39 @@ class TinkerHttpApi:
         return _json(await self._call(native, owner_of(request)))
 
     async def get_server_capabilities(self, request: web.Request) -> web.Response:
-        return await self._rest(request, _wire.GetServerCapabilities())
+        return await self._rest(request, wire.GetServerCapabilities())
 
     async def list_training_runs(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(_wire.ListTrainingRuns, strict=False, **_query(request, "limit", "offset"))
+            request, _convert(wire.ListTrainingRuns, strict=False, **_query(request, "limit", "offset"))
         )
 
     async def get_training_run(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(_wire.GetTrainingRun, training_run_id=request.match_info["run_id"])
+            request, _convert(wire.GetTrainingRun, training_run_id=request.match_info["run_id"])
         )
 
     async def list_checkpoints(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(_wire.ListCheckpoints, training_run_id=request.match_info["run_id"])
+            request, _convert(wire.ListCheckpoints, training_run_id=request.match_info["run_id"])
         )
 
     async def list_user_checkpoints(self, request: web.Request) -> web.Response:
         query = _query(request, "limit", "offset")
-        return await self._rest(request, _convert(_wire.ListUserCheckpoints, strict=False, **query))
+        return await self._rest(request, _convert(wire.ListUserCheckpoints, strict=False, **query))
 
     async def delete_checkpoint(self, request: web.Request) -> web.Response:
-        return await self._rest(request, _convert(_wire.DeleteCheckpoint, tinker_path=_tinker_path(request)))
+        return await self._rest(request, _convert(wire.DeleteCheckpoint, tinker_path=_tinker_path(request)))
 
     async def set_checkpoint_ttl(self, request: web.Request) -> web.Response:
         ttl = (await _body(request, TtlBody)).ttl_seconds
         return await self._rest(
-            request, _convert(_wire.SetCheckpointTtl, tinker_path=_tinker_path(request), ttl_seconds=ttl)
+            request, _convert(wire.SetCheckpointTtl, tinker_path=_tinker_path(request), ttl_seconds=ttl)
         )
 
     async def weights_info(self, request: web.Request) -> web.Response:
         path = (await _body(request, WeightsInfoBody)).tinker_path
-        return await self._rest(request, _convert(_wire.GetWeightsInfo, tinker_path=path))
+        return await self._rest(request, _convert(wire.GetWeightsInfo, tinker_path=path))
 
     async def unsupported(self, request: web.Request) -> web.Response:
         raise ServiceError(
@@ -680,8 +680,8 @@ async def _with_local_tokenizer(info: GetInfoResponse) -> GetInfoResponse:
     ``get_tokenizer()`` (``AutoTokenizer.from_pretrained(tokenizer_id)``) works offline.
     Only for clients on this machine: elsewhere the folder does not exist."""
     try:
-        folder = await asyncio.to_thread(models.resolve_model, info.model_data.model_name or "")
-    except models.UnknownModelError:
+        folder = await asyncio.to_thread(model_registry.resolve_model, info.model_data.model_name or "")
+    except model_registry.UnknownModelError:
         return info
     return msgspec.structs.replace(
         info, model_data=msgspec.structs.replace(info.model_data, tokenizer_id=str(folder))

@@ -44,7 +44,7 @@ from tinker.types import SampledSequence, SampleResponse
 
 from ..checkpoints import AdapterCheckpoint
 from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
-from .sampler import SampleRequest, choose_tokens, row_generators, target_logprobs
+from .torch_sampler import SampleRequest, choose_tokens, row_generators, target_logprobs
 
 __all__ = ["SamplingBatcher"]
 

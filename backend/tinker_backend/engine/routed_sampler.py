@@ -19,7 +19,7 @@ from typing import Protocol
 from tinker.types import SampleResponse
 
 from ..checkpoints import AdapterCheckpoint
-from .sampler import Sampler, SampleRequest
+from .torch_sampler import Sampler, SampleRequest
 
 __all__ = ["RoutedSampler"]
 

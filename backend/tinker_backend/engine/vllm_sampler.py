@@ -48,7 +48,7 @@ import torch
 from tinker.types import SampledSequence, SampleResponse
 
 from ..checkpoints import AdapterCheckpoint, write_checkpoint
-from .sampler import SampleRequest
+from .torch_sampler import SampleRequest
 
 __all__ = ["VllmSampler"]
 

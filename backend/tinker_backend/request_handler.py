@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from tinker import _wire
+from tinker import wire
 from tinker.types import (
     Checkpoint,
     CheckpointsListResponse,
@@ -49,7 +49,7 @@ from tinker.types import (
     TrainingRunsResponse,
     WeightsInfoResponse,
 )
-from tinker_backend import models
+from tinker_backend import model_registry
 from tinker_backend.errors import ServiceError
 from tinker_backend.limits import Limits
 from tinker_backend.scheduler import FwdBwdWork, ModelScheduler
@@ -120,24 +120,24 @@ class Backend:
 
     # --- entry point ----------------------------------------------------------------------------
 
-    async def handle_encoded(self, data: bytes, owner: str) -> bytes | _wire.Failure:
+    async def handle_encoded(self, data: bytes, owner: str) -> bytes | wire.Failure:
         """Decode, validate and run one request; return the encoded response or a ``Failure``."""
         try:
-            request = _wire.request_decoder.decode(data)
+            request = wire.request_decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             error = ServiceError(400, f"invalid request: {e}")
             await self._fill_seq_slot(data, owner, error)
-            return _wire.Failure(0, error.status, error.message, error.category)
+            return wire.Failure(0, error.status, error.message, error.category)
         try:
             result = await self.handle(request, owner)
         except RateLimited as e:
-            return _wire.Failure(0, e.status, e.message, e.category, e.retry_after)
+            return wire.Failure(0, e.status, e.message, e.category, e.retry_after)
         except ServiceError as e:
-            return _wire.Failure(0, e.status, e.message, e.category)
+            return wire.Failure(0, e.status, e.message, e.category)
         except Exception as e:
             logger.exception("request %s failed", type(request).__name__)
-            return _wire.Failure(0, 500, f"{type(e).__name__}: {e}", "server")
-        return _wire.encoder.encode(result)
+            return wire.Failure(0, 500, f"{type(e).__name__}: {e}", "server")
+        return wire.encoder.encode(result)
 
     async def _fill_seq_slot(self, data: bytes, owner: str, error: ServiceError) -> None:
         """An undecodable training request still takes its seq_id, so later ones are not stuck."""
@@ -189,68 +189,68 @@ class Backend:
 
     def _exempt(self, request: Any) -> bool:
         """Heartbeats, and the request a run's queued requests wait for, are never refused."""
-        if isinstance(request, _wire.Heartbeat):
+        if isinstance(request, wire.Heartbeat):
             return True
-        return isinstance(request, _wire.TrainingRequest) and self.ledger.fills_gap(request.model_id, request.seq_id)
+        return isinstance(request, wire.TrainingRequest) and self.ledger.fills_gap(request.model_id, request.seq_id)
 
     async def _dispatch(self, request: Any, owner: str) -> Any:
         match request:
-            case _wire.Heartbeat():
+            case wire.Heartbeat():
                 self._session(request.session_id, owner)
-                return _wire.Empty()
-            case _wire.CreateSession():
+                return wire.Empty()
+            case wire.CreateSession():
                 session_id = str(uuid.uuid4())
                 self.store.add_session(session_id, owner, request.user_metadata)
                 self.ledger.touch(session_id)
-                return _wire.SessionCreated(session_id=session_id)
-            case _wire.CreateModel():
+                return wire.SessionCreated(session_id=session_id)
+            case wire.CreateModel():
                 return await self._create_model(request, owner)
-            case _wire.CreateModelFromState():
+            case wire.CreateModelFromState():
                 return await self._create_model_from_state(request, owner)
-            case _wire.GetInfo():
+            case wire.GetInfo():
                 return self._info(self._run(request.model_id, owner))
-            case _wire.GetServerCapabilities():
-                return GetServerCapabilitiesResponse(supported_models=models.list_models())
-            case _wire.GetTokenizer():
-                return _wire.TokenizerFiles(files=await asyncio.to_thread(self._tokenizer_files, request.base_model))
-            case _wire.ForwardBackward() | _wire.OptimStep() | _wire.SaveState() | _wire.LoadState():
+            case wire.GetServerCapabilities():
+                return GetServerCapabilitiesResponse(supported_models=model_registry.list_models())
+            case wire.GetTokenizer():
+                return wire.TokenizerFiles(files=await asyncio.to_thread(self._tokenizer_files, request.base_model))
+            case wire.ForwardBackward() | wire.OptimStep() | wire.SaveState() | wire.LoadState():
                 return await self._training(request, owner)
-            case _wire.SaveWeightsForSampler():
+            case wire.SaveWeightsForSampler():
                 return await self._training(request, owner)
-            case _wire.CreateSamplingSession():
+            case wire.CreateSamplingSession():
                 return await self._create_sampling_session(request, owner)
-            case _wire.GetSampler():
+            case wire.GetSampler():
                 sampler = self.store.get_sampler(request.sampling_session_id)
                 if sampler is None or sampler.owner != owner:
                     raise ServiceError(404, f"sampling_session_id: unknown sampler {request.sampling_session_id!r}")
-                return _wire.SamplingSessionCreated(sampler.sampler_id, sampler.base_model, sampler.model_path)
-            case _wire.Sample():
+                return wire.SamplingSessionCreated(sampler.sampler_id, sampler.base_model, sampler.model_path)
+            case wire.Sample():
                 return await self._sample(request, owner)
-            case _wire.ListTrainingRuns():
+            case wire.ListTrainingRuns():
                 runs, total = self.store.list_runs(owner, request.limit, request.offset)
                 return TrainingRunsResponse(
                     training_runs=[self._training_run(r) for r in runs],
                     cursor=Cursor(offset=request.offset, limit=request.limit, total_count=total),
                 )
-            case _wire.GetTrainingRun():
+            case wire.GetTrainingRun():
                 return self._training_run(self._run(request.training_run_id, owner))
-            case _wire.ListCheckpoints():
+            case wire.ListCheckpoints():
                 run = self._run(request.training_run_id, owner)
                 return CheckpointsListResponse(
                     checkpoints=[_checkpoint(c) for c in self.store.list_checkpoints(run.run_id)]
                 )
-            case _wire.ListUserCheckpoints():
+            case wire.ListUserCheckpoints():
                 records, total = self.store.list_user_checkpoints(owner, request.limit, request.offset)
                 return CheckpointsListResponse(
                     checkpoints=[_checkpoint(c) for c in records],
                     cursor=Cursor(offset=request.offset, limit=request.limit, total_count=total),
                 )
-            case _wire.DeleteCheckpoint():
+            case wire.DeleteCheckpoint():
                 record = self._checkpoint(request.tinker_path, owner)
                 self.store.delete_checkpoint(record.run_id, record.kind, record.name)
                 await asyncio.to_thread(shutil.rmtree, self._directory(record), True)
-                return _wire.Empty()
-            case _wire.GetWeightsInfo():
+                return wire.Empty()
+            case wire.GetWeightsInfo():
                 record = self._checkpoint(request.tinker_path, owner)
                 run = self._run(record.run_id, owner)
                 config = LoraConfig(**run.lora_config)
@@ -261,7 +261,7 @@ class Backend:
                     train_attn=config.train_attn,
                     train_unembed=config.train_unembed,
                 )
-            case _wire.SetCheckpointTtl():
+            case wire.SetCheckpointTtl():
                 record = self._checkpoint(request.tinker_path, owner)
                 ttl = request.ttl_seconds
                 if ttl is not None and not _MIN_TTL_S <= ttl <= _MAX_TTL_S:
@@ -270,7 +270,7 @@ class Backend:
                     )
                 expires_at = None if ttl is None else (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ttl)).isoformat()
                 self.store.put_checkpoint(msgspec.structs.replace(record, expires_at=expires_at))
-                return _wire.Empty()
+                return wire.Empty()
         raise ServiceError(400, f"request: unsupported type {type(request).__name__}")
 
     # --- models and runs ------------------------------------------------------------------------
@@ -279,8 +279,8 @@ class Backend:
         if base_model not in self._schedulers:
             self._check_model_name(base_model)
             try:
-                path = models.resolve_model(base_model)
-            except models.UnknownModelError as e:
+                path = model_registry.resolve_model(base_model)
+            except model_registry.UnknownModelError as e:
                 raise ServiceError(404, f"base_model: {e}") from e
 
             def load() -> Any:
@@ -327,7 +327,7 @@ class Backend:
         self.ledger.touch(run.session_id)
         return run
 
-    async def _create_model(self, request: _wire.CreateModel, owner: str) -> _wire.ModelCreated:
+    async def _create_model(self, request: wire.CreateModel, owner: str) -> wire.ModelCreated:
         self._session(request.session_id, owner)
         run_id = f"{request.session_id}:train:{request.model_seq_id}"
         if request.lora_config.rank > self.limits.max_lora_rank:
@@ -339,7 +339,7 @@ class Backend:
         async with self._create_lock:
             existing = self.store.get_run(run_id)
             if existing is not None:  # a re-sent create: answer it again
-                return _wire.ModelCreated(model_id=run_id, info=self._info(existing))
+                return wire.ModelCreated(model_id=run_id, info=self._info(existing))
             scheduler = self._scheduler(request.base_model)
             self._check_run_capacity(scheduler)
             with self._claiming_run(owner, run_id):
@@ -357,9 +357,9 @@ class Backend:
             self.store.add_run(record)
             self._loaded(record, scheduler, next_seq=1)
         logger.info("created run %s on %s (rank %d)", run_id, request.base_model, config.rank)
-        return _wire.ModelCreated(model_id=run_id, info=self._info(record))
+        return wire.ModelCreated(model_id=run_id, info=self._info(record))
 
-    async def _create_model_from_state(self, request: _wire.CreateModelFromState, owner: str) -> _wire.ModelCreated:
+    async def _create_model_from_state(self, request: wire.CreateModelFromState, owner: str) -> wire.ModelCreated:
         self._session(request.session_id, owner)
         source = self._checkpoint(request.path, owner, kind="weights")
         base_model = self._run(source.run_id, owner).base_model
@@ -367,7 +367,7 @@ class Backend:
         async with self._create_lock:
             existing = self.store.get_run(run_id)
             if existing is not None:
-                return _wire.ModelCreated(model_id=run_id, info=self._info(existing))
+                return wire.ModelCreated(model_id=run_id, info=self._info(existing))
             scheduler = self._scheduler(base_model)
             directory = self._directory(source)
             with self._claiming_run(owner, run_id):
@@ -388,7 +388,7 @@ class Backend:
             )
             self.store.add_run(record)
             self._loaded(record, scheduler, next_seq=1)
-        return _wire.ModelCreated(model_id=run_id, info=self._info(record))
+        return wire.ModelCreated(model_id=run_id, info=self._info(record))
 
     def _check_run_capacity(self, scheduler: ModelScheduler) -> None:
         if scheduler.run_count() >= self.limits.max_runs:
@@ -423,8 +423,8 @@ class Backend:
     def _tokenizer_files(self, base_model: str) -> dict[str, bytes]:
         self._check_model_name(base_model)
         try:
-            return models.tokenizer_files(base_model)
-        except models.UnknownModelError as e:
+            return model_registry.tokenizer_files(base_model)
+        except model_registry.UnknownModelError as e:
             raise ServiceError(404, f"base_model: {e}") from e
 
     # --- training -------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ class Backend:
         await self._ensure_loaded(run, scheduler)
         if request.seq_id <= self._restored_floor.get(run.run_id, 0):
             return self._answer_from_before_reload(request, run)
-        if isinstance(request, _wire.SaveState | _wire.SaveWeightsForSampler) and request.name is not None:
+        if isinstance(request, wire.SaveState | wire.SaveWeightsForSampler) and request.name is not None:
             self.ledger.check_storage(owner, self.store.storage_bytes(owner))  # 429: not started
         rejected = False
         try:
@@ -460,7 +460,7 @@ class Backend:
             self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
             raise
         self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
-        if isinstance(request, _wire.SaveWeightsForSampler) and request.name is None:
+        if isinstance(request, wire.SaveWeightsForSampler) and request.name is None:
             await self._evict_snapshots(run)
         return result
 
@@ -473,29 +473,29 @@ class Backend:
         """Validate an ordered request and return the work to queue for it."""
         work: FwdBwdWork | Any
         match request:
-            case _wire.ForwardBackward():
+            case wire.ForwardBackward():
                 engine = await scheduler.engine()
                 self._check_data(request, engine)
                 work = FwdBwdWork(request.data, request.loss_fn, request.loss_fn_config, not request.forward_only)
-            case _wire.OptimStep():
+            case wire.OptimStep():
                 params = request.adam_params
                 work = lambda engine: OptimStepResponse(metrics=engine.optim_step(run.run_id, params))  # noqa: E731
-            case _wire.SaveState():
+            case wire.SaveState():
                 work = self._save_work(run, "weights", request.name, request.ttl_seconds, request.seq_id)
-            case _wire.LoadState():
+            case wire.LoadState():
                 source = self._checkpoint(request.path, owner, kind="weights")
                 directory, with_optimizer = self._directory(source), request.with_optimizer
 
                 def work(engine: Any) -> LoadWeightsResponse:
                     engine.load_state(run.run_id, directory, with_optimizer)
                     return LoadWeightsResponse(path=request.path)
-            case _wire.SaveWeightsForSampler() if request.name is not None:
+            case wire.SaveWeightsForSampler() if request.name is not None:
                 work = self._save_work(run, "sampler_weights", request.name, request.ttl_seconds, request.seq_id)
-            case _wire.SaveWeightsForSampler():
+            case wire.SaveWeightsForSampler():
                 work = self._ephemeral_sampler_work(run, request.sampling_session_id, owner)
         return work
 
-    def _check_data(self, request: _wire.ForwardBackward, engine: Any) -> None:
+    def _check_data(self, request: wire.ForwardBackward, engine: Any) -> None:
         from tinker_backend.engine.losses import validate_loss_inputs
 
         vocab, context = engine.vocab_size, engine.max_context_length
@@ -609,8 +609,8 @@ class Backend:
     # --- sampling -------------------------------------------------------------------------------
 
     async def _create_sampling_session(
-        self, request: _wire.CreateSamplingSession, owner: str
-    ) -> _wire.SamplingSessionCreated:
+        self, request: wire.CreateSamplingSession, owner: str
+    ) -> wire.SamplingSessionCreated:
         sampler_id = request.sampling_session_id
         session_id, _, number = sampler_id.partition(":sample:")
         if not number.isdigit():
@@ -620,7 +620,7 @@ class Backend:
         self._session(session_id, owner)
         existing = self.store.get_sampler(sampler_id)
         if existing is not None:
-            return _wire.SamplingSessionCreated(sampler_id, existing.base_model, existing.model_path)
+            return wire.SamplingSessionCreated(sampler_id, existing.base_model, existing.model_path)
         if request.model_path is not None:
             source = self._checkpoint(request.model_path, owner)
             base_model = self._run(source.run_id, owner).base_model
@@ -637,9 +637,9 @@ class Backend:
         else:
             raise ServiceError(400, "model_path, base_model: expected one of them, got neither")
         self.store.add_sampler(SamplerRecord(sampler_id, session_id, owner, base_model, request.model_path, now_iso()))
-        return _wire.SamplingSessionCreated(sampler_id, base_model, request.model_path)
+        return wire.SamplingSessionCreated(sampler_id, base_model, request.model_path)
 
-    async def _sample(self, request: _wire.Sample, owner: str) -> Any:
+    async def _sample(self, request: wire.Sample, owner: str) -> Any:
         sampler = self.store.get_sampler(request.sampling_session_id)
         if sampler is None or sampler.owner != owner:
             raise ServiceError(404, f"sampling_session_id: unknown sampler {request.sampling_session_id!r}")
@@ -778,9 +778,9 @@ class Backend:
     def _answer_from_before_reload(self, request: Any, run: RunRecord) -> Any:
         """A request that ran before the run was reloaded: only a save's answer can be given again."""
         saved = self.store.checkpoint_by_seq(run.run_id, request.seq_id)
-        if saved is not None and isinstance(request, _wire.SaveState) and saved.kind == "weights":
+        if saved is not None and isinstance(request, wire.SaveState) and saved.kind == "weights":
             return SaveWeightsResponse(path=saved.tinker_path)
-        if saved is not None and isinstance(request, _wire.SaveWeightsForSampler) and request.name is not None:
+        if saved is not None and isinstance(request, wire.SaveWeightsForSampler) and request.name is not None:
             return SaveWeightsForSamplerResponse(path=saved.tinker_path)
         raise ServiceError(
             410,
@@ -961,9 +961,9 @@ def _safe_name(name: str) -> str:
 
 def _mutates(request: Any) -> bool:
     """Whether a training request changes the adapter (or its accumulated gradients)."""
-    if isinstance(request, _wire.ForwardBackward):
+    if isinstance(request, wire.ForwardBackward):
         return not request.forward_only
-    return isinstance(request, _wire.OptimStep | _wire.LoadState)
+    return isinstance(request, wire.OptimStep | wire.LoadState)
 
 
 def _check_ttl(ttl_seconds: int | None) -> None:

