@@ -1,5 +1,5 @@
 """Helpers for tests that speak the native protocol directly: raw WebSocket calls and
-in-process ``Backend`` calls, so a test can send what the ``tinker`` client would refuse."""
+in-process ``RequestHandler`` calls, so a test can send what the ``tinker`` client would refuse."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
     return [
         # token ids outside the vocabulary
         ("input token >= vocab", fb(run, next(seqs), [datum([1, VOCAB + 5, 3])]), f"data[0].model_input: expected token ids in [0, {VOCAB})"),
-        ("target token >= vocab", fb(run, next(seqs), [datum([1, 2, VOCAB])]), "loss_fn_inputs['target_tokens']: expected ids in"),
+        ("target token >= vocab", fb(run, next(seqs), [datum([1, 2, VOCAB])]), "loss_fn_inputs['target_tokens']: expected token ids in"),
         ("negative token", raw("ForwardBackward", model_id=run, seq_id=next(seqs), loss_fn="cross_entropy",
                                data=[{**good, "model_input": {"chunks": [{"type": "encoded_text", "tokens": [-1, 2]}]}}]), "tokens[0]"),
         # shapes and lengths
@@ -88,7 +88,7 @@ def battery(run: str, session: str, sampler: str, seqs: Any) -> list[tuple[str, 
         # losses
         ("unknown loss", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="nope"), "loss_fn: expected one of"),
         ("missing loss input", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo"),
-         "loss_fn_inputs['logprobs']: required by 'ppo'"),
+         "loss_fn_inputs['logprobs']: expected a tensor (required by 'ppo')"),
         ("unknown loss config key", wire.ForwardBackward(model_id=run, seq_id=next(seqs), data=DATA, loss_fn="ppo",
                                                           loss_fn_config={"nope": 1.0}), "loss_fn_config['nope']"),
         # context length

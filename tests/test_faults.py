@@ -17,7 +17,7 @@ from native_wire import DATA, TINY, RawClient, datum, fb, loss, step
 import tinker
 from tinker import _holder, wire
 from tinker.types import AdamParams, LoraConfig, ModelInput, SamplingParams
-from tinker_backend.request_handler import Backend
+from tinker_backend.request_handler import RequestHandler
 
 PROMPT = ModelInput.from_ints([1, 2, 3])
 SAMPLING = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
@@ -138,7 +138,7 @@ async def test_a_client_vanishing_mid_request_does_not_wedge_the_engine(server):
 async def test_an_exception_inside_one_request_fails_only_that_request(tmp_path):
     """In-process (the fault is injected into the engine): a disk error in one run's save and
     a bug in one run's optimizer step, in the same clock cycles as another run's work."""
-    backend = Backend(tmp_path)
+    backend = RequestHandler(tmp_path)
 
     async def call(request):
         outcome = await backend.handle_encoded(wire.encoder.encode(request), "local")
@@ -152,7 +152,7 @@ async def test_an_exception_inside_one_request_fails_only_that_request(tmp_path)
 
     faulty, healthy, solo = await new_run(0), await new_run(1), await new_run(1)
     saved = await call(wire.SaveState(model_id=faulty, seq_id=1, name="before"))
-    engine = await backend._schedulers[TINY].engine()
+    engine = await (await backend.engines.scheduler(TINY)).engine()
     real_step, real_save = engine.optim_step, engine.save_state
 
     def optim_step(adapter_id, params):

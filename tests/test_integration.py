@@ -145,19 +145,19 @@ def test_bad_input_is_named_and_harmless(make_service):
     vocab = len(tc.get_tokenizer())
     good = Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})
     # Caught on the client, before sending:
-    with pytest.raises(ValueError, match=r"loss_fn_inputs\['weights'\]: expected length 2"):
+    with pytest.raises(ValueError, match=r"loss_fn_inputs\['weights'\]: expected the shape of target_tokens, \[2\], got \[1\]"):
         tc.forward_backward(
             [Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0]})],
             "cross_entropy",
         )
     with pytest.raises(ValueError, match="loss_fn: expected one of"):
         tc.forward_backward([good], "nope")
+    with pytest.raises(ValueError, match=r"loss_fn_inputs\[.logprobs.\]: expected a tensor \(required by .ppo.\)"):
+        tc.forward_backward([good], "ppo")
     # Caught by the server, which names the field:
     too_big = Datum(model_input=ModelInput.from_ints([1, vocab + 5]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})
     with pytest.raises(tinker.BadRequestError, match=rf"data\[0\]\.model_input: expected token ids in \[0, {vocab}\), got {vocab + 5}"):
         tc.forward_backward([too_big], "cross_entropy").result()
-    with pytest.raises(tinker.BadRequestError, match=r"loss_fn_inputs\[.logprobs.\]: required by .ppo."):
-        tc.forward_backward([good], "ppo").result()
     with pytest.raises(tinker.NotFoundError, match="unknown checkpoint"):
         tc.load_state(f"tinker://{tc.model_id}/weights/missing").result()
     with pytest.raises(tinker.NotFoundError, match="base_model"):

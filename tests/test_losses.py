@@ -12,13 +12,8 @@ import random
 import pytest
 import torch
 
-from tinker_backend.engine.losses import (
-    LOSS_FNS,
-    LossInputError,
-    datum_loss,
-    resolve_config,
-    validate_loss_inputs,
-)
+from tinker.validation import LOSS_FNS, InvalidInput, check_loss_inputs, resolve_loss_config
+from tinker_backend.engine.losses import datum_loss
 
 SEEDS = range(8)
 
@@ -140,7 +135,7 @@ def test_cross_entropy(seed):
     n = rng.randint(1, 40)
     logp = [-abs(rng.gauss(2.0, 1.0)) for _ in range(n)]
     weights = [rng.choice([0.0, 1.0, rng.random()]) for _ in range(n)]
-    config = resolve_config("cross_entropy", None)
+    config = resolve_loss_config("cross_entropy", None)
     got = run_module("cross_entropy", logp, {"weights": weights}, config)
     assert_matches(got, ref_cross_entropy(logp, weights))
 
@@ -166,7 +161,7 @@ def test_importance_sampling(seed):
 @pytest.mark.parametrize("config", [None, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.28}])
 def test_ppo(seed, config):
     logp, q, adv, _ = random_rl_datum(seed)
-    resolved = resolve_config("ppo", config)
+    resolved = resolve_loss_config("ppo", config)
     got = run_module("ppo", logp, {"logprobs": q, "advantages": adv}, resolved)
     assert_matches(
         got, ref_ppo(logp, q, adv, resolved["clip_low_threshold"], resolved["clip_high_threshold"])
@@ -177,7 +172,7 @@ def test_ppo(seed, config):
 @pytest.mark.parametrize("config", [None, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.1}])
 def test_cispo(seed, config):
     logp, q, adv, _ = random_rl_datum(seed, ratio_spread=1.0)  # some ratios above the default cap 4
-    resolved = resolve_config("cispo", config)
+    resolved = resolve_loss_config("cispo", config)
     got = run_module("cispo", logp, {"logprobs": q, "advantages": adv}, resolved)
     assert_matches(
         got, ref_cispo(logp, q, adv, resolved["clip_low_threshold"], resolved["clip_high_threshold"])
@@ -188,7 +183,7 @@ def test_cispo(seed, config):
 @pytest.mark.parametrize("config", [None, {"beta": 0.5}])
 def test_dro(seed, config):
     logp, q, adv, _ = random_rl_datum(seed)
-    resolved = resolve_config("dro", config)
+    resolved = resolve_loss_config("dro", config)
     got = run_module("dro", logp, {"logprobs": q, "advantages": adv}, resolved)
     assert_matches(got, ref_dro(logp, q, adv, resolved["beta"]))
 
@@ -204,7 +199,7 @@ def test_dro(seed, config):
 )
 def test_gspo(seed, use_mask, config, ratio_spread):
     logp, q, adv, mask = random_rl_datum(seed, ratio_spread)
-    resolved = resolve_config("gspo", config)
+    resolved = resolve_loss_config("gspo", config)
     inputs = {"logprobs": q, "advantages": adv}
     if use_mask:
         inputs["sequence_ratio_mask"] = mask
@@ -216,7 +211,7 @@ def test_gspo(seed, use_mask, config, ratio_spread):
 def test_gspo_empty_mask_uses_ratio_one():
     logp, q, adv = [-1.0, -2.0, -0.5], [-3.0, -9.0, -0.1], [1.0, -2.0, 0.5]
     inputs = {"logprobs": q, "advantages": adv, "sequence_ratio_mask": [0.0, 0.0, 0.0]}
-    got = run_module("gspo", logp, inputs, resolve_config("gspo", None))
+    got = run_module("gspo", logp, inputs, resolve_loss_config("gspo", None))
     assert_matches(got, (-sum(adv), [-a for a in adv]))
 
 
@@ -247,7 +242,7 @@ def test_float32_and_bfloat16(loss_fn):
     """float32 matches the float64 result; bf16 logprobs are computed (and returned) in float32."""
     logp, q, adv, mask = random_rl_datum(seed=7)
     inputs = {"logprobs": q, "advantages": adv, "weights": mask, "sequence_ratio_mask": mask}
-    config = resolve_config(
+    config = resolve_loss_config(
         loss_fn, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1} if loss_fn == "gspo" else None
     )
     assert_matches(
@@ -271,14 +266,14 @@ def test_dummy_logprobs_with_zero_advantage_stay_finite(loss_fn):
     inputs = {"logprobs": q, "advantages": adv}
     if loss_fn == "gspo":
         inputs["sequence_ratio_mask"] = [1.0, 0.0, 0.0]
-    value, grad = run_module(loss_fn, logp, inputs, resolve_config(loss_fn, None))
+    value, grad = run_module(loss_fn, logp, inputs, resolve_loss_config(loss_fn, None))
     # Only the first token counts; its ratio exp(-0.1) is unclipped for all three losses.
     want_value, want_grad = ref_importance_sampling(logp[:1], q[:1], adv[:1])
     assert_matches((value, grad), (want_value, [*want_grad, 0.0, 0.0]))
 
 
 def test_datum_loss_rejects_unknown_loss():
-    with pytest.raises(LossInputError, match="stable_reinforce"):
+    with pytest.raises(InvalidInput, match="stable_reinforce"):
         datum_loss("stable_reinforce", torch.zeros(2, requires_grad=True), {}, {})
 
 
@@ -294,19 +289,19 @@ def _rl_shapes(n: int) -> dict[str, tuple[int, ...]]:
 def test_valid_inputs_pass(loss_fn):
     shapes = {"target_tokens": (12,), "weights": (12,)} if loss_fn == "cross_entropy" else _rl_shapes(12)
     shapes["mask"] = (12,)  # keys a loss does not use are ignored
-    validate_loss_inputs(loss_fn, None, shapes, n_tokens=12, datum_index=0)
+    check_loss_inputs(loss_fn, None, shapes, n_tokens=12, datum_index=0)
 
 
 def test_valid_top_k_targets_and_sequence_ratio_mask_pass():
     top_k = {"target_tokens": (12, 4), "weights": (12, 4)}
-    validate_loss_inputs("cross_entropy", {}, top_k, n_tokens=12, datum_index=0)
+    check_loss_inputs("cross_entropy", {}, top_k, n_tokens=12, datum_index=0)
     with_mask = {**_rl_shapes(12), "sequence_ratio_mask": (12,)}
-    validate_loss_inputs("gspo", None, with_mask, n_tokens=12, datum_index=0)
+    check_loss_inputs("gspo", None, with_mask, n_tokens=12, datum_index=0)
 
 
 def test_unknown_loss_lists_the_known_ones():
-    with pytest.raises(LossInputError) as err:
-        validate_loss_inputs("custom", None, {}, n_tokens=3, datum_index=0)
+    with pytest.raises(InvalidInput) as err:
+        check_loss_inputs("custom", None, {}, n_tokens=3, datum_index=0)
     assert isinstance(err.value, ValueError)
     for name in LOSS_FNS:
         assert repr(name) in str(err.value)
@@ -316,15 +311,15 @@ def test_unknown_loss_lists_the_known_ones():
 def test_missing_input_is_named():
     shapes = _rl_shapes(5)
     del shapes["advantages"]
-    with pytest.raises(LossInputError) as err:
-        validate_loss_inputs("ppo", None, shapes, n_tokens=5, datum_index=3)
-    assert str(err.value).startswith("datum 3: loss_fn_inputs['advantages']")
+    with pytest.raises(InvalidInput) as err:
+        check_loss_inputs("ppo", None, shapes, n_tokens=5, datum_index=3)
+    assert str(err.value).startswith("data[3].loss_fn_inputs['advantages']: expected a tensor")
     assert "required by 'ppo'" in str(err.value)
-    assert err.value.datum_index == 3 and err.value.field == "loss_fn_inputs['advantages']"
+    assert err.value.field == "data[3].loss_fn_inputs['advantages']"
     with pytest.raises(
-        LossInputError, match=r"datum 0: loss_fn_inputs\['weights'\]: required by 'cross_entropy'"
+        InvalidInput, match=r"data\[0\]\.loss_fn_inputs\['weights'\]: expected a tensor \(required by 'cross_entropy'\), got nothing"
     ):
-        validate_loss_inputs("cross_entropy", None, {"target_tokens": (5,)}, n_tokens=5, datum_index=0)
+        check_loss_inputs("cross_entropy", None, {"target_tokens": (5,)}, n_tokens=5, datum_index=0)
 
 
 @pytest.mark.parametrize(
@@ -344,17 +339,17 @@ def test_shape_mismatch_is_named(loss_fn, key, bad_shape):
     shapes[key] = bad_shape
     if loss_fn == "cross_entropy":
         shapes["weights"] = bad_shape  # so that target_tokens, checked first, is the culprit
-    with pytest.raises(LossInputError) as err:
-        validate_loss_inputs(loss_fn, None, shapes, n_tokens=12, datum_index=2)
+    with pytest.raises(InvalidInput) as err:
+        check_loss_inputs(loss_fn, None, shapes, n_tokens=12, datum_index=2)
     message = str(err.value)
-    assert message.startswith(f"datum 2: loss_fn_inputs[{key!r}]")
+    assert message.startswith(f"data[2].loss_fn_inputs[{key!r}]: expected shape")
     assert "[12]" in message and "[" + ", ".join(map(str, bad_shape)) + "]" in message
 
 
 def test_cross_entropy_weights_must_match_top_k_targets():
     shapes = {"target_tokens": (6, 4), "weights": (6, 3)}
-    with pytest.raises(LossInputError, match=r"datum 1: loss_fn_inputs\['weights'\].*\[6, 4\].*\[6, 3\]"):
-        validate_loss_inputs("cross_entropy", None, shapes, n_tokens=6, datum_index=1)
+    with pytest.raises(InvalidInput, match=r"data\[1\]\.loss_fn_inputs\['weights'\].*\[6, 4\].*\[6, 3\]"):
+        check_loss_inputs("cross_entropy", None, shapes, n_tokens=6, datum_index=1)
 
 
 @pytest.mark.parametrize(
@@ -378,25 +373,25 @@ def test_cross_entropy_weights_must_match_top_k_targets():
     ],
 )
 def test_bad_config_is_named(loss_fn, config, pattern):
-    with pytest.raises(LossInputError, match=pattern):
-        resolve_config(loss_fn, config)
+    with pytest.raises(InvalidInput, match=pattern):
+        resolve_loss_config(loss_fn, config)
     shapes = {"target_tokens": (4,), "weights": (4,)} if loss_fn == "cross_entropy" else _rl_shapes(4)
-    with pytest.raises(LossInputError, match=pattern):
-        validate_loss_inputs(loss_fn, config, shapes, n_tokens=4, datum_index=0)
+    with pytest.raises(InvalidInput, match=pattern):
+        check_loss_inputs(loss_fn, config, shapes, n_tokens=4, datum_index=0)
 
 
 def test_resolve_config_defaults():
-    assert resolve_config("cross_entropy", None) == {}
-    assert resolve_config("importance_sampling", {}) == {}
-    assert resolve_config("ppo", None) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-    assert resolve_config("cispo", None) == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
-    assert resolve_config("dro", None) == {"beta": 0.05}
-    gspo = resolve_config("gspo", None)
+    assert resolve_loss_config("cross_entropy", None) == {}
+    assert resolve_loss_config("importance_sampling", {}) == {}
+    assert resolve_loss_config("ppo", None) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    assert resolve_loss_config("cispo", None) == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
+    assert resolve_loss_config("dro", None) == {"beta": 0.05}
+    gspo = resolve_loss_config("gspo", None)
     assert gspo["clip_low_threshold"] == pytest.approx(1 - 3e-4)
     assert gspo["clip_high_threshold"] == pytest.approx(1 + 4e-4)
 
 
 def test_resolve_config_overrides_one_key_and_returns_floats():
-    config = resolve_config("ppo", {"clip_high_threshold": 2})
+    config = resolve_loss_config("ppo", {"clip_high_threshold": 2})
     assert config == {"clip_low_threshold": 0.8, "clip_high_threshold": 2.0}
     assert type(config["clip_high_threshold"]) is float

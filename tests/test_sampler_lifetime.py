@@ -65,11 +65,11 @@ def test_a_run_keeps_its_newest_snapshots_embedded(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("TINKER_BASE_URL", raising=False)
     service = tinker.ServiceClient(data_dir=tmp_path)
     backend = service.holder.transport.backend  # type: ignore[attr-defined]
-    backend.limits = Limits(ephemeral_samplers_per_run=KEEP)  # before the model loads: a fresh data dir
+    backend.samplers.limits = Limits(ephemeral_samplers_per_run=KEEP)  # the snapshot cap is the samplers'
     snapshots, named = make_snapshots(service)
     check_eviction(snapshots, named)
 
-    engine = service.holder.submit(backend._scheduler(TINY).engine()).result(timeout=60)
+    engine = service.holder.submit(_engine(backend)).result(timeout=60)
     ids = [s.sampling_session_id for s in snapshots]
     assert not engine.has_sampler(ids[0])
     assert all(engine.has_sampler(i) for i in ids[1:]) and engine.has_sampler(named.sampling_session_id)
@@ -97,3 +97,7 @@ def test_a_script_that_never_closes_its_client_exits_cleanly(capped_server: Serv
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
     assert "Unclosed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+async def _engine(backend):
+    return await (await backend.engines.scheduler(TINY)).engine()

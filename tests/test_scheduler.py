@@ -5,8 +5,9 @@ import asyncio
 import pytest
 
 from tinker.types import Datum, ForwardBackwardOutput, ModelInput
+from tinker_backend.engine.protocol import FwdBwdItem
 from tinker_backend.errors import ServiceError
-from tinker_backend.scheduler import FwdBwdWork, ModelScheduler
+from tinker_backend.scheduler import ModelScheduler
 
 
 class RecordingEngine:
@@ -23,9 +24,9 @@ class RecordingEngine:
         ]
 
 
-def fb_work() -> FwdBwdWork:
+def fb_work(run_id: str) -> FwdBwdItem:
     datum = Datum(model_input=ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [1], "weights": [1.0]})
-    return FwdBwdWork([datum], "cross_entropy", None, True)
+    return FwdBwdItem(run_id, [datum], "cross_entropy", None, True)
 
 
 def barrier(engine: RecordingEngine, name: str) -> object:
@@ -50,7 +51,7 @@ async def test_waits_on_gaps_and_runs_in_seq_order(engine_and_scheduler):
     second = scheduler.submit("r", 2, barrier(engine, "optim"))
     await asyncio.sleep(0.05)
     assert engine.calls == [] and not second.done()  # seq 1 missing: nothing may run
-    first = scheduler.submit("r", 1, fb_work())
+    first = scheduler.submit("r", 1, fb_work("r"))
     assert await second == "optim"
     assert (await first).metrics["n:sum"] == 1
     assert engine.calls == [("fb", "r"), ("barrier", "optim")]
@@ -61,11 +62,11 @@ async def test_merges_runs_into_one_cycle_and_barriers_are_per_run(engine_and_sc
     for run in ("a", "b", "c"):
         scheduler.add_run(run)
     futures = [
-        scheduler.submit("a", 1, fb_work()),
+        scheduler.submit("a", 1, fb_work("a")),
         scheduler.submit("a", 2, barrier(engine, "a-optim")),
-        scheduler.submit("a", 3, fb_work()),
-        scheduler.submit("b", 1, fb_work()),
-        scheduler.submit("b", 2, fb_work()),
+        scheduler.submit("a", 3, fb_work("a")),
+        scheduler.submit("b", 1, fb_work("b")),
+        scheduler.submit("b", 2, fb_work("b")),
         scheduler.submit("c", 1, barrier(engine, "c-save")),
     ]
     await asyncio.gather(*futures)
@@ -108,7 +109,7 @@ async def test_engine_load_failure_is_a_clear_error():
     scheduler = ModelScheduler("broken", fail)
     scheduler.add_run("r")
     with pytest.raises(ServiceError, match="cannot load 'broken'"):
-        await scheduler.submit("r", 1, fb_work())
+        await scheduler.submit("r", 1, fb_work("r"))
     scheduler.close()
 
 
@@ -117,7 +118,7 @@ async def test_cycle_limits_runs_and_tokens_and_nothing_starves():
     scheduler = ModelScheduler("fake", lambda: engine, max_runs_per_cycle=2, max_tokens_per_cycle=2)
     for run in ("a", "b", "c"):
         scheduler.add_run(run)
-    futures = [scheduler.submit(run, seq, fb_work()) for run in ("a", "b", "c") for seq in (1, 2)]
+    futures = [scheduler.submit(run, seq, fb_work(run)) for run in ("a", "b", "c") for seq in (1, 2)]
     await asyncio.gather(*futures)
     passes = [call for call in engine.calls if call[0] == "fb"]
     assert all(len(p) - 1 <= 2 for p in passes)  # never more than 2 runs or 2 tokens in a cycle

@@ -1,7 +1,7 @@
 """Durability: the SQLite store, checkpoint TTLs and deletion, and runs that outlive the backend.
 
-The backend tests run the real ``Backend`` in-process (real engine, real SQLite). A restart is
-a second ``Backend`` on the same data dir; ``test_faults.py`` does it for real with kill -9.
+The backend tests run the real ``RequestHandler`` in-process (real engine, real SQLite). A restart is
+a second ``RequestHandler`` on the same data dir; ``test_faults.py`` does it for real with kill -9.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from native_wire import DATA, TINY, fb, loss, step
 from tinker import wire
 from tinker.types import LoraConfig
 from tinker_backend.errors import ServiceError
-from tinker_backend.request_handler import Backend
+from tinker_backend.request_handler import RequestHandler
 from tinker_backend.store import CheckpointRecord, Store, iso_in, now_iso
 
 OWNER = "local"
@@ -75,7 +75,7 @@ def test_expired_checkpoints_disappear_at_once_and_futures_die_with_the_process(
 # --- the backend, in-process --------------------------------------------------------------------
 
 
-async def new_run(backend: Backend, seed: int = 0) -> str:
+async def new_run(backend: RequestHandler, seed: int = 0) -> str:
     session = await backend.handle(wire.CreateSession(), OWNER)
     created = await backend.handle(
         wire.CreateModel(
@@ -86,7 +86,7 @@ async def new_run(backend: Backend, seed: int = 0) -> str:
     return created.model_id
 
 
-async def train(backend: Backend, model_id: str, first_seq: int, steps: int) -> list[float]:
+async def train(backend: RequestHandler, model_id: str, first_seq: int, steps: int) -> list[float]:
     """``steps`` forward_backward + optim_step pairs, each pair submitted together."""
     losses = []
     for i in range(steps):
@@ -97,7 +97,7 @@ async def train(backend: Backend, model_id: str, first_seq: int, steps: int) -> 
 
 
 async def test_a_restarted_backend_lists_everything_and_resumes_runs_exactly(tmp_path):
-    first = Backend(tmp_path)
+    first = RequestHandler(tmp_path)
     run = await new_run(first, seed=3)
     twin = await new_run(first, seed=3)
     await train(first, run, 1, steps=2)
@@ -109,7 +109,7 @@ async def test_a_restarted_backend_lists_everything_and_resumes_runs_exactly(tmp
     expected = await train(first, twin, 7, steps=2)
     first.close()
 
-    second = Backend(tmp_path)
+    second = RequestHandler(tmp_path)
     runs = await second.handle(wire.ListTrainingRuns(), OWNER)
     assert {r.training_run_id for r in runs.training_runs} == {run, twin}
     listed = await second.handle(wire.ListCheckpoints(training_run_id=run), OWNER)
@@ -125,14 +125,14 @@ async def test_a_restarted_backend_lists_everything_and_resumes_runs_exactly(tmp
 
 
 async def test_a_run_whose_unsaved_work_was_answered_is_refused_clearly(tmp_path):
-    first = Backend(tmp_path)
+    first = RequestHandler(tmp_path)
     run = await new_run(first)
     await train(first, run, 1, steps=1)
     await first.handle(wire.SaveState(model_id=run, seq_id=3, name="ckpt"), OWNER)
     await train(first, run, 4, steps=1)  # changes the adapter after the save; answered
     first.close()
 
-    second = Backend(tmp_path)
+    second = RequestHandler(tmp_path)
     with pytest.raises(ServiceError, match=r"lost its unsaved state.*seq_id 5.*seq_id 3") as refused:
         await second.handle(fb(run, 6), OWNER)
     assert refused.value.status == 410
@@ -148,18 +148,18 @@ async def test_a_run_whose_unsaved_work_was_answered_is_refused_clearly(tmp_path
 
 
 async def test_a_run_with_no_save_and_no_changes_comes_back_from_its_seed(tmp_path):
-    first = Backend(tmp_path)
+    first = RequestHandler(tmp_path)
     run = await new_run(first, seed=11)
     before = loss(await first.handle(fb(run, 1, forward_only=True), OWNER))
     first.close()
 
-    second = Backend(tmp_path)
+    second = RequestHandler(tmp_path)
     assert loss(await second.handle(fb(run, 2, forward_only=True), OWNER)) == pytest.approx(before, abs=1e-6)
     second.close()
 
 
 async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
-    backend = Backend(tmp_path)
+    backend = RequestHandler(tmp_path)
     run = await new_run(backend)
     with pytest.raises(ServiceError, match=r"ttl_seconds: expected None or 3600 to .*got 5"):
         await backend.handle(wire.SaveState(model_id=run, seq_id=1, name="short", ttl_seconds=5), OWNER)
@@ -177,7 +177,7 @@ async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
     assert gone.value.status == 404
     files = tmp_path / record.directory
     assert files.is_dir()
-    assert backend._delete_expired_checkpoints() == 1
+    assert backend.checkpoints.delete_expired() == 1
     assert not files.exists()
 
     # Deletion: the row and the files, and the name can be saved again.
@@ -190,7 +190,7 @@ async def test_checkpoint_ttl_expiry_and_deletion(tmp_path):
 
 
 async def test_saving_a_name_again_replaces_it_and_startup_removes_unfinished_saves(tmp_path):
-    backend = Backend(tmp_path)
+    backend = RequestHandler(tmp_path)
     run = await new_run(backend)
     await backend.handle(wire.SaveState(model_id=run, seq_id=1, name="c"), OWNER)
     first_dir = tmp_path / backend.store.get_checkpoint(run, "weights", "c").directory
@@ -206,7 +206,7 @@ async def test_saving_a_name_again_replaces_it_and_startup_removes_unfinished_sa
     (half_written / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     unindexed = second_dir.parent / "c.0123456789ab"
     unindexed.mkdir()
-    restarted = Backend(tmp_path)
+    restarted = RequestHandler(tmp_path)
     assert not half_written.exists() and not unindexed.exists()
     assert second_dir.is_dir()
     assert loss(await restarted.handle(fb(run, 5, data=DATA[:1]), OWNER)) > 0  # reloaded from "c"
@@ -214,10 +214,10 @@ async def test_saving_a_name_again_replaces_it_and_startup_removes_unfinished_sa
 
 
 async def test_an_expired_session_frees_its_runs_and_they_come_back_on_use(tmp_path):
-    backend = Backend(tmp_path)
+    backend = RequestHandler(tmp_path)
     run = await new_run(backend, seed=5)
     before = loss(await backend.handle(fb(run, 1, forward_only=True), OWNER))
-    engine = await backend._schedulers[TINY].engine()
+    engine = await (await backend.engines.scheduler(TINY)).engine()
     assert engine.has_adapter(run) and backend.ledger.loaded_runs(OWNER) == 1
     # The session falls silent for longer than the timeout (the server's sweep calls this).
     backend.ledger.session_timeout_s = 0.2

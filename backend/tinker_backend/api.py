@@ -18,12 +18,12 @@ from tinker import wire
 from tinker_backend import auth
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
-from tinker_backend.request_handler import Backend
+from tinker_backend.request_handler import RequestHandler
 from tinker_backend.tenancy import KeyLimits
 
 logger = logging.getLogger("tinker_backend.api")
 
-BACKEND_KEY = web.AppKey("backend", Backend)
+BACKEND_KEY = web.AppKey("backend", RequestHandler)
 SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
 MAX_REQUEST_BYTES_KEY = web.AppKey("max_request_bytes", int)
 MAX_FRAME_HEADER = "X-Tinker-Max-Frame-Bytes"
@@ -98,12 +98,12 @@ def make_app(
 ) -> web.Application:
     """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
     per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
-    and per HTTP body; ``sampler``: the sampling engine (``Backend``)."""
+    and per HTTP body; ``sampler``: the sampling engine (``RequestHandler``)."""
     app = web.Application(client_max_size=max_request_bytes, middlewares=[auth.auth_middleware])
-    backend_holder: dict[str, Backend] = {}
+    backend_holder: dict[str, RequestHandler] = {}
 
     async def start(app: web.Application) -> None:
-        backend_holder["backend"] = Backend(
+        backend_holder["backend"] = RequestHandler(
             data_dir,
             limits=limits,
             key_limits=key_limits,

@@ -12,3 +12,9 @@ class ServiceError(Exception):
         self.status = status
         self.message = message
         self.category = category or ("user" if status < 500 else "server")
+
+
+def as_service_error(error: Exception) -> ServiceError:
+    """A ``ServiceError`` as is; a validation error (``tinker.validation.InvalidInput``, or any
+    ``ValueError`` naming its field) as a 400 with the same message."""
+    return error if isinstance(error, ServiceError) else ServiceError(400, str(error))

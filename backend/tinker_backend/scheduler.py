@@ -21,8 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
+from tinker_backend.engine.protocol import Engine, FwdBwdItem, StepSampler
 from tinker_backend.errors import ServiceError
 
 logger = logging.getLogger("tinker_backend.scheduler")
@@ -32,19 +33,14 @@ logger = logging.getLogger("tinker_backend.scheduler")
 _ANSWER_WINDOW = 4096
 
 
-@dataclass
-class FwdBwdWork:
-    """A ``forward`` / ``forward_backward`` request waiting for a clock cycle."""
-
-    data: list[Any]
-    loss_fn: str
-    loss_fn_config: dict[str, float] | None
-    backward: bool
+# An ordered request's work: a forward/backward merged into a clock cycle, or a barrier
+# (optim_step, a save, a load) run on its own after the cycle's merged pass.
+Work: TypeAlias = FwdBwdItem | Callable[[Engine], Any]
 
 
 @dataclass
 class _Pending:
-    work: FwdBwdWork | Callable[[Any], Any]
+    work: Work
     future: asyncio.Future[Any]
 
 
@@ -61,7 +57,7 @@ class ModelScheduler:
     def __init__(
         self,
         base_model: str,
-        load_engine: Callable[[], Any],
+        load_engine: Callable[[], Engine],
         *,
         max_runs_per_cycle: int = 64,
         max_tokens_per_cycle: int = 16384,
@@ -72,14 +68,14 @@ class ModelScheduler:
         self._rotation = itertools.count()
         self._load_engine = load_engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{base_model[-24:]}")
-        self._engine: asyncio.Future[Any] | None = None
+        self._engine: asyncio.Future[Engine] | None = None
         self._runs: dict[str, _RunQueue] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cycles = itertools.count(1)
-        self._sampler: Any = None  # the engine's sampler, once a sample request arrived
+        self._sampler: StepSampler | None = None  # the engine's sampler, once a sample request arrived
 
-    async def engine(self) -> Any:
+    async def engine(self) -> Engine:
         """The engine, loaded on the compute thread the first time it is needed."""
         if self._engine is None:
             self._engine = asyncio.get_running_loop().run_in_executor(self._executor, self._load_engine)
@@ -89,12 +85,12 @@ class ModelScheduler:
             self._engine = None
             raise ServiceError(400, f"base_model: cannot load {self.base_model!r}: {e}") from e
 
-    async def compute(self, fn: Callable[[Any], Any]) -> Any:
+    async def compute(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` on the compute thread (FIFO with clock cycles)."""
         engine = await self.engine()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, engine)
 
-    async def sample(self, submit: Callable[[Any], concurrent.futures.Future[Any]]) -> Any:
+    async def sample(self, submit: Callable[[Engine], concurrent.futures.Future[Any]]) -> Any:
         """Queue a sample request with the engine's sampler and wait for its answer.
 
         ``submit(engine)`` validates and queues the request (raising for a bad one) and returns
@@ -114,7 +110,7 @@ class ModelScheduler:
         return self._sampler is not None and self._sampler.has_work()
 
     async def _sampling_step(self) -> None:
-        if self._sampling_pending():
+        if self._sampler is not None and self._sampler.has_work():
             await asyncio.get_running_loop().run_in_executor(self._executor, self._sampler.step)
 
     def add_run(self, run_id: str, next_seq: int = 1) -> None:
@@ -135,7 +131,7 @@ class ModelScheduler:
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
 
-    def submit(self, run_id: str, seq_id: int, work: FwdBwdWork | Callable[[Any], Any]) -> asyncio.Future[Any]:
+    def submit(self, run_id: str, seq_id: int, work: Work) -> asyncio.Future[Any]:
         """Queue one ordered request of a run; the same ``seq_id`` twice gets the same future."""
         queue = self._runs[run_id]
         if seq_id in queue.answers:
@@ -183,7 +179,7 @@ class ModelScheduler:
             seq = queue.next_seq
             while seq in queue.pending:
                 item = queue.pending[seq]
-                if isinstance(item.work, FwdBwdWork):
+                if isinstance(item.work, FwdBwdItem):
                     size = sum(d.model_input.length for d in item.work.data)
                     if tokens and tokens + size > self.max_tokens_per_cycle:
                         break  # the cycle is full; this run continues next cycle
@@ -231,28 +227,19 @@ class ModelScheduler:
 
 
 def _run_cycle(
-    engine: Any, cycle: dict[str, tuple[list[_Pending], _Pending | None]], cycle_id: int
+    engine: Engine, cycle: dict[str, tuple[list[_Pending], _Pending | None]], cycle_id: int
 ) -> list[tuple[_Pending, Any]]:
     """One clock cycle on the compute thread: merged forward/backward, then each run's barrier."""
-    from tinker_backend.engine.model_engine import FwdBwdItem
-
     outcomes: list[tuple[_Pending, Any]] = []
-    merged: list[tuple[_Pending, FwdBwdItem]] = []
-    for run_id, (fwd, _) in cycle.items():
-        for item in fwd:
-            work = item.work
-            assert isinstance(work, FwdBwdWork)
-            merged.append(
-                (item, FwdBwdItem(run_id, work.data, work.loss_fn, work.loss_fn_config, work.backward))
-            )
+    merged = [(item, item.work) for fwd, _ in cycle.values() for item in fwd if isinstance(item.work, FwdBwdItem)]
     if merged:
         started = time.perf_counter()
         try:
-            results = engine.forward_backward_many([fb for _, fb in merged])
+            results = engine.forward_backward_many([work for _, work in merged])
         except Exception as e:  # a failure of the whole pass fails each of its requests
             logger.exception("clock cycle %d failed", cycle_id)
             results = [e] * len(merged)
-        tokens = sum(d.model_input.length for _, fb in merged for d in fb.data)
+        tokens = sum(d.model_input.length for _, work in merged for d in work.data)
         for (item, _), result in zip(merged, results, strict=True):
             if not isinstance(result, Exception):
                 result.metrics["clock_cycle:unique"] = float(cycle_id)
@@ -263,7 +250,7 @@ def _run_cycle(
     for _, barrier in cycle.values():
         if barrier is not None:
             work = barrier.work
-            assert callable(work)
+            assert not isinstance(work, FwdBwdItem)
             try:
                 outcomes.append((barrier, work(engine)))
             except Exception as e:

@@ -56,9 +56,9 @@ class EmbeddedTransport:
     _shared_lock = threading.Lock()
 
     def __init__(self, data_dir: Path) -> None:
-        from tinker_backend.request_handler import Backend
+        from tinker_backend.request_handler import RequestHandler
 
-        self.backend = Backend(data_dir)
+        self.backend = RequestHandler(data_dir)
 
     @classmethod
     def shared(cls, data_dir: str | os.PathLike[str] | None = None) -> EmbeddedTransport:

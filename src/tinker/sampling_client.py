@@ -10,6 +10,7 @@ from tinker import wire
 from tinker._holder import Holder, wrap
 from tinker.futures import APIFuture
 from tinker.types import ModelInput, SampleResponse, SamplingParams
+from tinker.validation import check_sample, parse_tinker_path
 
 
 class SamplingClient:
@@ -32,8 +33,8 @@ class SamplingClient:
     ) -> SamplingClient:
         if model_path is None and base_model is None:
             raise ValueError("model_path, base_model: expected one of them, got neither")
-        if model_path is not None and not model_path.startswith("tinker://"):
-            raise ValueError(f"model_path: expected 'tinker://<run_id>/sampler_weights/<name>', got {model_path!r}")
+        if model_path is not None:
+            parse_tinker_path(model_path, field="model_path")
         sampler_seq = holder.next_sampler_seq()
 
         async def run() -> wire.SamplingSessionCreated:
@@ -77,14 +78,9 @@ class SamplingClient:
         """Draw ``num_samples`` continuations of ``prompt``."""
         if not isinstance(prompt, ModelInput):
             raise TypeError(f"prompt: expected tinker.ModelInput, got {type(prompt).__name__}")
-        if prompt.length == 0:
-            raise ValueError("prompt: expected at least one token, got 0")
-        if type(num_samples) is not int or num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params: expected tinker.SamplingParams, got {type(sampling_params).__name__}")
-        if type(topk_prompt_logprobs) is not int or topk_prompt_logprobs < 0:
-            raise ValueError(f"topk_prompt_logprobs: expected an int >= 0, got {topk_prompt_logprobs!r}")
+        check_sample(prompt.length, num_samples, topk_prompt_logprobs)
         with self._seq_lock:
             seq_id = self._next_seq
             self._next_seq += 1

@@ -20,11 +20,10 @@ from tinker.types import (
     SaveWeightsResponse,
     TensorData,
 )
+from tinker.validation import check_checkpoint_name, check_forward_backward, check_ttl, parse_tinker_path
 
 if TYPE_CHECKING:
     from tinker.sampling_client import SamplingClient
-
-LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
 
 CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
 
@@ -106,8 +105,8 @@ class TrainingClient:
     def _forward_backward(
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None, forward_only: bool
     ) -> APIFuture[ForwardBackwardOutput]:
-        data = _check_data(data, loss_fn)
         config = _check_config(loss_fn_config)
+        data = _check_data(data, loss_fn, config)
         return self._submit(
             lambda model_id, seq_id: wire.ForwardBackward(
                 model_id=model_id,
@@ -129,19 +128,15 @@ class TrainingClient:
         backward with weights ``-dloss/dlogprobs``, whose parameter gradient equals the custom
         loss's. Costs one forward plus one forward-backward.
         """
-        data = _check_data(data, "cross_entropy", need_weights=False)
+        checked = _check_data(_zero_weights_where_missing(data), "cross_entropy")
+        data = list(data)
         first_seq = self._reserve(2)
         surrogate_inputs = [
             Datum(
                 model_input=d.model_input,
-                loss_fn_inputs={
-                    "target_tokens": d.loss_fn_inputs["target_tokens"],
-                    "weights": d.loss_fn_inputs.get("weights")
-                    or TensorData(data=[0.0] * d.loss_fn_inputs["target_tokens"].numel, dtype="float32",
-                                  shape=d.loss_fn_inputs["target_tokens"].shape),
-                },
+                loss_fn_inputs={key: d.loss_fn_inputs[key] for key in ("target_tokens", "weights")},
             )
-            for d in data
+            for d in checked
         ]
 
         async def run() -> ForwardBackwardOutput:
@@ -197,7 +192,8 @@ class TrainingClient:
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
         """Save adapter and optimizer state as ``tinker://<run>/weights/<name>`` (for resuming)."""
-        _check_name(name)
+        check_checkpoint_name(name)
+        check_ttl(ttl_seconds)
         return self._submit(
             lambda model_id, seq_id: wire.SaveState(
                 model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
@@ -213,7 +209,7 @@ class TrainingClient:
         return self._load(path, with_optimizer=True)
 
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
-        _check_path(path)
+        parse_tinker_path(path, kind="weights")
         return self._submit(
             lambda model_id, seq_id: wire.LoadState(
                 model_id=model_id, seq_id=seq_id, path=path, with_optimizer=with_optimizer
@@ -224,7 +220,8 @@ class TrainingClient:
         self, name: str, ttl_seconds: int | None = None
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Save the adapter alone as ``tinker://<run>/sampler_weights/<name>`` (PEFT format)."""
-        _check_name(name)
+        check_checkpoint_name(name)
+        check_ttl(ttl_seconds)
         return self._submit(
             lambda model_id, seq_id: wire.SaveWeightsForSampler(
                 model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
@@ -273,34 +270,11 @@ class TrainingClient:
         return self.optim_step(*args, **kwargs)
 
 
-# --- client-side checks (the backend checks again) --------------------------------------------
+# --- client-side checks: tinker.validation, as the backend runs them ---------------------------
 
 
-def _check_data(data: Sequence[Datum], loss_fn: str, need_weights: bool = True) -> list[Datum]:
-    if loss_fn not in LOSS_FNS:
-        raise ValueError(f"loss_fn: expected one of {list(LOSS_FNS)}, got {loss_fn!r}")
-    if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
-        raise TypeError(f"data: expected a list of tinker.Datum, got {type(data).__name__}")
-    if not data:
-        raise ValueError("data: expected at least one Datum, got an empty list")
-    for i, datum in enumerate(data):
-        if not isinstance(datum, Datum):
-            raise TypeError(f"data[{i}]: expected tinker.Datum, got {type(datum).__name__}")
-        n = datum.model_input.length
-        if n == 0:
-            raise ValueError(f"data[{i}].model_input: expected at least one token, got 0")
-        targets = datum.loss_fn_inputs.get("target_tokens")
-        if targets is None:
-            raise ValueError(f"data[{i}].loss_fn_inputs['target_tokens']: required, got nothing")
-        for key, tensor in datum.loss_fn_inputs.items():
-            shape = tensor.shape or [tensor.numel]
-            if shape[0] != n:
-                raise ValueError(
-                    f"data[{i}].loss_fn_inputs[{key!r}]: expected length {n} "
-                    f"(model_input.length), got shape {shape}"
-                )
-        if need_weights and loss_fn == "cross_entropy" and "weights" not in datum.loss_fn_inputs:
-            raise ValueError(f"data[{i}].loss_fn_inputs['weights']: required by 'cross_entropy', got nothing")
+def _check_data(data: Sequence[Datum], loss_fn: str, config: dict[str, float] | None = None) -> list[Datum]:
+    check_forward_backward(data, loss_fn, config)
     return list(data)
 
 
@@ -315,11 +289,16 @@ def _check_config(config: dict[str, float] | None) -> dict[str, float] | None:
     return out
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"name: expected a non-empty checkpoint name without '/', got {name!r}")
-
-
-def _check_path(path: str) -> None:
-    if not isinstance(path, str) or not path.startswith("tinker://"):
-        raise ValueError(f"path: expected 'tinker://<run_id>/weights/<name>', got {path!r}")
+def _zero_weights_where_missing(data: Sequence[Datum]) -> Sequence[Datum]:
+    """``forward_backward_custom`` takes data without ``weights``: the surrogate's are its own."""
+    if isinstance(data, str | bytes) or not isinstance(data, Sequence):
+        return data  # _check_data names the mistake
+    out = []
+    for datum in data:
+        inputs = datum.loss_fn_inputs if isinstance(datum, Datum) else {}
+        targets = inputs.get("target_tokens")
+        if targets is not None and "weights" not in inputs:
+            zeros = TensorData(data=[0.0] * targets.numel, dtype="float32", shape=targets.shape)
+            datum = Datum(model_input=datum.model_input, loss_fn_inputs={**inputs, "weights": zeros})
+        out.append(datum)
+    return out

@@ -1,4 +1,4 @@
-"""The public Tinker HTTP protocol under ``/api/v1``: a translation layer onto ``Backend.handle``.
+"""The public Tinker HTTP protocol under ``/api/v1``: a translation layer onto ``RequestHandler.handle``.
 
 Each route decodes the official SDK's request (JSON; protobuf for ``forward_backward``),
 builds the native request of ``tinker.wire`` (validated by msgspec exactly as on the native
@@ -32,7 +32,7 @@ from tinker_backend.errors import ServiceError
 from tinker_backend.tenancy import RateLimited
 
 if TYPE_CHECKING:
-    from tinker_backend.request_handler import Backend
+    from tinker_backend.request_handler import RequestHandler
 
 logger = logging.getLogger("tinker_backend.compat")
 
@@ -252,7 +252,7 @@ def _on_loopback(request: web.Request) -> bool:
 class TinkerHttpApi:
     """The handlers of one app; the backend is looked up on the app (it starts with the app)."""
 
-    def __init__(self, app: web.Application, backend_key: web.AppKey[Backend], config: Config) -> None:
+    def __init__(self, app: web.Application, backend_key: web.AppKey[RequestHandler], config: Config) -> None:
         self._app = app
         self._backend_key = backend_key
         self.config = config
@@ -260,7 +260,7 @@ class TinkerHttpApi:
         self.sessions = Sessions()
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> RequestHandler:
         return self._app[self._backend_key]
 
     async def _call(self, native: Any, owner: str, finish: Callable[[Any], Any] | None = None) -> Any:
@@ -696,7 +696,7 @@ def _zstd_bodies_supported() -> bool:
     return bool(compression_utils.HAS_ZSTD)
 
 
-def add_routes(app: web.Application, backend_key: web.AppKey[Backend]) -> None:
+def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) -> None:
     """Serve the public Tinker HTTP protocol on ``app``, next to the native protocol."""
     api = TinkerHttpApi(app, backend_key, Config.from_env())
     training_run = "/api/v1/training_runs/{run_id}"

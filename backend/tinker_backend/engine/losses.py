@@ -4,9 +4,9 @@ Every loss is applied per token and **summed**, never averaged: normalization is
 client's job (e.g. weights that sum to 1), exactly as in Tinker. The engine uses this module
 in two steps:
 
-1. :func:`validate_loss_inputs` on each datum, with shapes only, before any compute, so a
-   bad datum is rejected before it joins a shared batch; :func:`resolve_config` once per
-   request to fill in the ``loss_fn_config`` defaults.
+1. ``tinker.validation.check_loss_inputs`` on each datum, with shapes only, before any
+   compute, so a bad datum is rejected before it joins a shared batch;
+   ``tinker.validation.resolve_loss_config`` once per request for the config's defaults.
 2. :func:`datum_loss` on each datum, given the learner's per-token target logprobs.
 
 Notation used in the docstrings: ``logp`` is the learner's log p_theta(target) per token,
@@ -17,164 +17,13 @@ importance ratio, ``clip(x) = min(max(x, low), high)`` with ``low``/``high`` the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from numbers import Real
 
 import torch
 
-LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
-
-_RL_INPUTS = ("target_tokens", "logprobs", "advantages")
-_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("target_tokens", "weights"),
-    "importance_sampling": _RL_INPUTS,
-    "ppo": _RL_INPUTS,
-    "cispo": _RL_INPUTS,
-    "dro": _RL_INPUTS,
-    "gspo": _RL_INPUTS,
-}
-# Inputs a loss uses when present. Any other key in loss_fn_inputs is ignored (the cookbook
-# keeps local-only keys such as "mask" around; ignoring them is harmless).
-_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"gspo": ("sequence_ratio_mask",)}
+from tinker.validation import LOSS_FNS, InvalidInput
 
 _LOW, _HIGH = "clip_low_threshold", "clip_high_threshold"
-_DEFAULTS: dict[str, dict[str, float]] = {
-    "cross_entropy": {},
-    "importance_sampling": {},
-    # eps = 0.2, Tinker's documented default.
-    "ppo": {_LOW: 0.8, _HIGH: 1.2},
-    # One-sided: only large ratios are capped (Tinker's default, cookbook tutorial 202).
-    "cispo": {_LOW: 0.0, _HIGH: 4.0},
-    # The value of Tinker's docs example; Tinker does not publish a default.
-    "dro": {"beta": 0.05},
-    # The GSPO paper's clipping ranges (eps_low 3e-4, eps_high 4e-4); Tinker does not
-    # publish a default. Sequence ratios stay near 1, so PPO's 0.2 would never clip.
-    "gspo": {_LOW: 1.0 - 3e-4, _HIGH: 1.0 + 4e-4},
-}
-
-
-class LossInputError(ValueError):
-    """A request's loss function, ``loss_fn_config`` or a datum's ``loss_fn_inputs`` is invalid.
-
-    The message names the datum (for per-datum problems), the field, what was expected and
-    what was received. ``field`` and ``datum_index`` (``None`` for request-level problems:
-    the loss function or its config) are kept as attributes for the caller.
-    """
-
-    def __init__(self, field: str, problem: str, *, datum_index: int | None = None) -> None:
-        prefix = "" if datum_index is None else f"datum {datum_index}: "
-        super().__init__(f"{prefix}{field}: {problem}")
-        self.field = field
-        self.datum_index = datum_index
-
-
-def _check_loss_fn(loss_fn: str) -> None:
-    if loss_fn not in LOSS_FNS:
-        known = ", ".join(repr(name) for name in LOSS_FNS)
-        raise LossInputError("loss_fn", f"expected one of {known}, got {loss_fn!r}")
-
-
-def resolve_config(loss_fn: str, loss_fn_config: Mapping[str, float] | None) -> dict[str, float]:
-    """Validate ``loss_fn_config`` and return it with every default filled in, as floats.
-
-    Defaults (a key the client leaves out takes its default; the others keep theirs):
-
-    * ``ppo``: ``clip_low_threshold=0.8``, ``clip_high_threshold=1.2`` (Tinker's, eps = 0.2).
-    * ``cispo``: ``clip_low_threshold=0.0``, ``clip_high_threshold=4.0`` (Tinker's).
-    * ``dro``: ``beta=0.05``, the value of Tinker's docs example (no default is published).
-    * ``gspo``: ``clip_low_threshold=1 - 3e-4``, ``clip_high_threshold=1 + 4e-4``, the
-      clipping ranges of the GSPO paper (Zheng et al., 2025); no default is published.
-    * ``cross_entropy`` and ``importance_sampling`` take no config.
-
-    Raises :class:`LossInputError` for an unknown loss, a key the loss does not take, a
-    value that is not a finite number, ``clip_low_threshold < 0``, ``clip_low_threshold >
-    clip_high_threshold``, or ``beta < 0`` (which would reward drifting away from the sampler).
-    """
-    _check_loss_fn(loss_fn)
-    defaults = _DEFAULTS[loss_fn]
-    config = dict(defaults)
-    for key, value in (loss_fn_config or {}).items():
-        field = f"loss_fn_config[{key!r}]"
-        if key not in defaults:
-            allowed = ", ".join(repr(k) for k in sorted(defaults)) or "none"
-            raise LossInputError(field, f"not a parameter of {loss_fn!r}; allowed keys: {allowed}")
-        # bool is a Real too, but True as a threshold is a client bug, not a number.
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise LossInputError(field, f"expected a finite number, got {value!r}")
-        config[key] = float(value)
-    if _LOW in config:
-        low, high = config[_LOW], config[_HIGH]
-        if low < 0:
-            raise LossInputError(f"loss_fn_config[{_LOW!r}]", f"expected >= 0, got {low!r}")
-        if low > high:
-            raise LossInputError(
-                "loss_fn_config",
-                f"expected {_LOW} <= {_HIGH}, got {_LOW}={low!r} > {_HIGH}={high!r}",
-            )
-    if config.get("beta", 0.0) < 0:
-        raise LossInputError("loss_fn_config['beta']", f"expected >= 0, got {config['beta']!r}")
-    return config
-
-
-def _show(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def validate_loss_inputs(
-    loss_fn: str,
-    loss_fn_config: Mapping[str, float] | None,
-    input_shapes: Mapping[str, tuple[int, ...]],
-    n_tokens: int,
-    datum_index: int,
-) -> None:
-    """Check one datum's ``loss_fn_inputs`` shapes (and the request's loss and config).
-
-    Needs only shapes, so the engine can reject a bad datum before any compute, and before
-    it joins a batch shared with other requests. ``n_tokens`` is the datum's
-    ``model_input`` length. Rules:
-
-    * ``loss_fn`` must be one of :data:`LOSS_FNS`; ``loss_fn_config`` must pass
-      :func:`resolve_config`.
-    * Every required input must be present: ``target_tokens`` and ``weights`` for
-      ``cross_entropy``; ``target_tokens``, ``logprobs`` and ``advantages`` for the others.
-    * Per-token inputs have shape ``[n_tokens]``. For ``cross_entropy`` ``target_tokens``
-      may instead be ``[n_tokens, K]`` (top-K soft targets, K >= 1) and ``weights`` must
-      then have the same shape. ``gspo``'s optional ``sequence_ratio_mask`` is
-      ``[n_tokens]``. Keys the loss does not use are ignored.
-
-    Raises :class:`LossInputError`; per-datum messages start with ``datum <index>:``.
-    """
-    resolve_config(loss_fn, loss_fn_config)
-
-    def fail(key: str, problem: str) -> LossInputError:
-        return LossInputError(f"loss_fn_inputs[{key!r}]", problem, datum_index=datum_index)
-
-    for key in _REQUIRED_INPUTS[loss_fn]:
-        if key not in input_shapes:
-            raise fail(key, f"required by {loss_fn!r}, but the datum has no such key")
-    per_token = (n_tokens,)
-    for key in _REQUIRED_INPUTS[loss_fn] + _OPTIONAL_INPUTS.get(loss_fn, ()):
-        if key not in input_shapes:
-            continue
-        shape = tuple(input_shapes[key])
-        if loss_fn == "cross_entropy":
-            if key == "target_tokens" and not (
-                shape == per_token or (len(shape) == 2 and shape[0] == n_tokens and shape[1] >= 1)
-            ):
-                raise fail(
-                    key,
-                    f"expected shape [{n_tokens}] or [{n_tokens}, K] with K >= 1 (one row per "
-                    f"model_input token), got {_show(shape)}",
-                )
-            if key == "weights" and shape != tuple(input_shapes["target_tokens"]):
-                expected = _show(tuple(input_shapes["target_tokens"]))
-                raise fail(key, f"expected the shape of target_tokens, {expected}, got {_show(shape)}")
-        elif shape != per_token:
-            raise fail(
-                key, f"expected shape [{n_tokens}] (one value per model_input token), got {_show(shape)}"
-            )
-
 
 # ---------------------------------------------------------------------------------------------
 # The losses. Each takes float tensors of one datum (logp requires grad) and returns the
@@ -280,6 +129,7 @@ _LOSSES: dict[str, Callable[[torch.Tensor, _Inputs, _Config], torch.Tensor]] = {
     "dro": _dro,
     "gspo": _gspo,
 }
+assert tuple(_LOSSES) == LOSS_FNS, "every loss the client may name has an implementation"
 
 
 def datum_loss(
@@ -293,14 +143,16 @@ def datum_loss(
     ``target_logprobs`` is the learner's log p_theta(target) per token, shape ``[N]`` (or
     ``[N, K]`` for top-K ``cross_entropy``), and requires grad. ``inputs`` are the datum's
     ``loss_fn_inputs`` as tensors on the same device, already checked by
-    :func:`validate_loss_inputs`; ``config`` is the output of :func:`resolve_config`. The
+    ``tinker.validation.check_loss_inputs``; ``config`` is the output of
+    ``tinker.validation.resolve_loss_config``. The
     semantics of each loss are in the docstrings of ``_cross_entropy``, ``_importance_sampling``,
     ``_ppo``, ``_cispo``, ``_dro`` and ``_gspo``.
 
     Half-precision logprobs are computed in float32 (exp and squares lose too much in
     bf16); float32 and float64 keep their dtype. The result has the compute dtype.
     """
-    _check_loss_fn(loss_fn)
+    if loss_fn not in _LOSSES:
+        raise InvalidInput("loss_fn", "one of " + ", ".join(repr(name) for name in LOSS_FNS), loss_fn)
     dtype = torch.float64 if target_logprobs.dtype == torch.float64 else torch.float32
     logp = target_logprobs.to(dtype)
     # target_tokens are ints and unused here (they chose which logprobs the engine gathered).

@@ -41,8 +41,9 @@ from .lora import (
     init_lora_weights,
 )
 from .lora import target_paths as lora_target_paths
+from .protocol import FwdBwdItem
 from .torch_sampler import SAMPLERS, Sampler, SampleRequest, StopCriteria
-from .trainer import FwdBwdItem, PreparedItem, TrainableAdapter, forward_backward_batch, prepare_item
+from .trainer import PreparedItem, TrainableAdapter, forward_backward_batch, prepare_item
 
 __all__ = ["FwdBwdItem", "ModelEngine"]
 

