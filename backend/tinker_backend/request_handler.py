@@ -217,6 +217,8 @@ class Backend:
                 return await self._training(request, owner)
             case wire.SaveWeightsForSampler():
                 return await self._training(request, owner)
+            case wire.ReleaseSeq():
+                return await self._release_seq(request, owner)
             case wire.CreateSamplingSession():
                 return await self._create_sampling_session(request, owner)
             case wire.GetSampler():
@@ -456,13 +458,42 @@ class Backend:
             result = await future
         except asyncio.CancelledError:  # the server is stopping: no answer leaves
             raise
-        except BaseException:
-            self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
+        except BaseException as e:
+            # A ServiceError means it changed nothing: refused, or failed before it ran (say, its
+            # session expired while it waited), so a reload must not refuse the run for it.
+            self._answered(run, request.seq_id, mutating=_mutates(request) and not isinstance(e, ServiceError))
             raise
         self._answered(run, request.seq_id, mutating=not rejected and _mutates(request))
         if isinstance(request, wire.SaveWeightsForSampler) and request.name is None:
             await self._evict_snapshots(run)
         return result
+
+    async def _release_seq(self, request: wire.ReleaseSeq, owner: str) -> wire.Empty:
+        """Give ``seq_id`` its place in the run's order without running anything (the client will
+        never send its request), so the requests after it do not wait on a gap. It is answered
+        in order, as a request that changed nothing; a repeat, or a seq_id whose request already
+        arrived, ran or was released, is harmless."""
+        run = self._run(request.model_id, owner)
+        if request.seq_id < 1:
+            raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
+        scheduler = self._scheduler(run.base_model)
+        await self._ensure_loaded(run, scheduler)
+        if request.seq_id <= self._restored_floor.get(run.run_id, 0):
+            return wire.Empty()  # answered before a reload
+        released = ServiceError(409, f"seq_id: {request.seq_id} of run {run.run_id!r} was released by its client")
+
+        def work(engine: Any) -> Any:  # answers a request that arrives after its release
+            raise released
+
+        try:
+            future = scheduler.submit(run.run_id, request.seq_id, work)
+        except ServiceError:  # 409: it ran long ago
+            return wire.Empty()
+        self.ledger.accept_seq(run.run_id, request.seq_id)
+        with contextlib.suppress(Exception):  # its own failure, or that of the request that came first
+            await asyncio.shield(future)
+        self._answered(run, request.seq_id, mutating=False)
+        return wire.Empty()
 
     def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
         """Record, before the answer leaves, what a reload must not lose (see the store's doc)."""
