@@ -11,6 +11,7 @@ so a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -26,7 +27,8 @@ from conftest import ServerProcess
 from native_wire import DATA, TINY, RawClient, datum, fb, loss, step
 
 import tinker
-from tinker import wire
+from tinker import _holder, wire
+from tinker.futures import BackgroundLoop
 from tinker.types import AdamParams, Datum, ModelInput
 
 TIMEOUT = 60.0  # seconds any one call may take here before the test counts it as hung
@@ -158,6 +160,20 @@ def test_a_run_that_never_existed_fails_every_call_without_hanging(make_service)
     for future in (custom, plain):
         with pytest.raises(tinker.NotFoundError):
             future.result(timeout=TIMEOUT)
+
+
+async def test_cancelling_a_call_that_waits_for_the_run_leaves_the_run_being_created():
+    """Calls made before the run exists wait on its creation; cancelling one of them must not
+    cancel the creation that every other call waits on too (it used to: ``wrap`` chained the cancel)."""
+    creation: concurrent.futures.Future[int] = concurrent.futures.Future()
+    waiter = asyncio.create_task(_holder.wrap(tinker.APIFuture(creation, BackgroundLoop.get())))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    assert waiter.cancelled() and not creation.cancelled()
+    creation.set_result(1)
+    assert await _holder.wrap(tinker.APIFuture(creation, BackgroundLoop.get())) == 1
 
 
 # --- a client process killed between the two halves of forward_backward_custom --------------
