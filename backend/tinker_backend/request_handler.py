@@ -185,6 +185,8 @@ class RequestHandler:
                 return await self.runs.run_ordered(request, owner, self.runs.training_work)
             case wire.SaveWeightsForSampler():
                 return await self.runs.run_ordered(request, owner, self.runs.training_work)
+            case wire.ReleaseSeq():
+                return await self.runs.release(request, owner)
             case wire.CreateSamplingSession():
                 return await self.samplers.create(request, owner)
             case wire.GetSampler():

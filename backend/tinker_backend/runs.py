@@ -211,11 +211,36 @@ class Runs:
             result = await future
         except asyncio.CancelledError:  # the server is stopping: no answer leaves
             raise
-        except BaseException:
-            self._answered(run, request.seq_id, mutating)
+        except BaseException as e:
+            # A ServiceError means it changed nothing: refused, or failed before it ran (its
+            # session expired while it waited, say), so a reload must not refuse the run for it.
+            self._answered(run, request.seq_id, mutating and not isinstance(e, ServiceError))
             raise
         self._answered(run, request.seq_id, mutating)
         return result
+
+    async def release(self, request: wire.ReleaseSeq, owner: str) -> wire.Empty:
+        """Skip ``seq_id``: its client reserved it and will never send it (a custom loss raised,
+        a call was cancelled). It takes its place in the order without running anything, and is
+        recorded when the run reaches it, so a restart cannot skip an earlier request in flight.
+        A request that arrives after its release answers 409; one that came first is unaffected."""
+        run = self.get(request.model_id, owner)
+        if request.seq_id < 1:
+            raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
+        scheduler = await self.engines.scheduler(run.base_model)
+        await self._ensure_loaded(run, scheduler)
+        if request.seq_id <= self._restored_floor.get(run.run_id, 0):
+            return wire.Empty()  # answered before a reload
+        released = ServiceError(409, f"seq_id: {request.seq_id} of run {run.run_id!r} was released by its client")
+        try:
+            future = scheduler.submit(run.run_id, request.seq_id, _failing(released))
+        except ServiceError:  # 409: it ran long ago
+            return wire.Empty()
+        self.ledger.accept_seq(run.run_id, request.seq_id)
+        with contextlib.suppress(Exception):  # its own failure, or that of the request that came first
+            await asyncio.shield(future)
+        self._answered(run, request.seq_id, mutating=False)
+        return wire.Empty()
 
     def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
         """Record, before the answer leaves, what a reload must not lose (see the store's doc)."""

@@ -132,5 +132,6 @@ def _cache_dir() -> Path:
 
 
 async def wrap(future: APIFuture[T]) -> T:
-    """Await an ``APIFuture`` from a coroutine on the background loop."""
-    return await asyncio.wrap_future(future.future())
+    """Await an ``APIFuture`` from a coroutine on the background loop. Cancelling the awaiting
+    coroutine leaves ``future`` running: others wait on it too (a run's creation, the session)."""
+    return await asyncio.shield(asyncio.wrap_future(future.future()))

@@ -114,13 +114,6 @@ class WebSocketTransport:
             delay = min(reply.retry_after or _RETRY_AFTER_DEFAULT_S, _RETRY_AFTER_MAX_S)
             logger.info("rate limited (%s); sending %s again in %.1fs", reply.message, type(request).__name__, delay)
             await asyncio.sleep(delay)
-        if isinstance(reply, wire.Failure) and reply.status == 413 and isinstance(request, wire.TrainingRequest):
-            # The server never read it, but its seq_id must still take its place in the run's
-            # order, or every later request of the run waits on the gap: send a request the
-            # server refuses (no data) in its place.
-            await self._call_once(wire.encoder.encode(wire.ForwardBackward(
-                model_id=request.model_id, seq_id=request.seq_id, data=[], loss_fn="cross_entropy", forward_only=True
-            )))
         if isinstance(reply, wire.Failure):
             raise_failure(reply)
         return wire.decode_response(type(request), reply.payload)

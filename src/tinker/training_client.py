@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
-from collections.abc import Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tinker import wire
 from tinker._holder import Holder, wrap
+from tinker.errors import TinkerError
 from tinker.futures import APIFuture
 from tinker.types import (
     AdamParams,
@@ -26,6 +30,19 @@ if TYPE_CHECKING:
     from tinker.sampling_client import SamplingClient
 
 CustomLossFn = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
+
+logger = logging.getLogger("tinker")
+T = TypeVar("T")
+
+# Sends and releases that outlive the call that started them (the loop keeps only weak references).
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _keep(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 class TrainingClient:
@@ -73,20 +90,40 @@ class TrainingClient:
 
     # --- ordered submission -------------------------------------------------------------------
 
-    def _reserve(self, n: int = 1) -> int:
+    def _ordered(self, n: int, body: Callable[[_Reserved], Coroutine[Any, Any, T]]) -> APIFuture[T]:
+        """Reserve the next ``n`` seq_ids (now, so calls keep the order they were made in) and
+        run ``body``, which sends their requests. Once its future is done (answered, failed, or
+        cancelled, even before ``body`` started) every seq_id it did not send is released."""
         with self._seq_lock:
-            first = self._next_seq
+            reserved = _Reserved(self, list(range(self._next_seq, self._next_seq + n)))
             self._next_seq += n
-            return first
+        future = self._holder.submit(body(reserved))
+        loop = self._holder.loop.loop
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+                loop.call_soon_threadsafe(reserved.close)
+
+        future.future().add_done_callback(done)
+        return future
 
     def _submit(self, build: Callable[[str, int], Any]) -> APIFuture[Any]:
-        seq_id = self._reserve()
+        async def run(reserved: _Reserved) -> Any:
+            model_id = (await wrap(self._created)).model_id
+            return await reserved.send(build(model_id, reserved.seq_ids[0]))
 
-        async def run() -> Any:
-            created = await wrap(self._created)
-            return await self._holder.call(build(created.model_id, seq_id))
+        return self._ordered(1, run)
 
-        return self._holder.submit(run())
+    async def _release(self, seq_id: int) -> None:
+        """Tell the server to skip ``seq_id``: its request will never be sent (see ``_Reserved``)."""
+        try:
+            model_id = (await wrap(self._created)).model_id
+        except BaseException:  # no run, so nothing waits on the gap (every call fails alike)
+            return
+        try:
+            await self._holder.call(wire.ReleaseSeq(model_id=model_id, seq_id=seq_id))
+        except TinkerError as e:  # the run is gone, or the connection: nothing left waits on it
+            logger.debug("releasing seq_id %d of %s failed: %s", seq_id, model_id, e)
 
     # --- primitives ---------------------------------------------------------------------------
 
@@ -130,7 +167,6 @@ class TrainingClient:
         """
         checked = _check_data(_zero_weights_where_missing(data), "cross_entropy")
         data = list(data)
-        first_seq = self._reserve(2)
         surrogate_inputs = [
             Datum(
                 model_input=d.model_input,
@@ -139,18 +175,19 @@ class TrainingClient:
             for d in checked
         ]
 
-        async def run() -> ForwardBackwardOutput:
+        async def run(reserved: _Reserved) -> ForwardBackwardOutput:
             import torch
 
+            first_seq = reserved.seq_ids[0]
             model_id = (await wrap(self._created)).model_id
-            forward = await self._holder.call(
+            forward = await reserved.send(
                 wire.ForwardBackward(
                     model_id=model_id, seq_id=first_seq, data=surrogate_inputs,
                     loss_fn="cross_entropy", forward_only=True,
                 )
             )
             logprobs = [out["logprobs"].to_torch().requires_grad_(True) for out in forward.loss_fn_outputs]
-            loss, metrics = loss_fn(list(data), logprobs)
+            loss, metrics = loss_fn(list(data), logprobs)  # if it raises, the backward's seq_id is released
             loss.backward()
             weighted = [
                 Datum(
@@ -164,7 +201,8 @@ class TrainingClient:
                 )
                 for d, lp in zip(surrogate_inputs, logprobs, strict=True)
             ]
-            backward = await self._holder.call(
+            await asyncio.sleep(0)  # a cancel that came while loss_fn ran lands here: nothing more is sent
+            backward = await reserved.send(
                 wire.ForwardBackward(
                     model_id=model_id, seq_id=first_seq + 1, data=weighted, loss_fn="cross_entropy"
                 )
@@ -179,7 +217,7 @@ class TrainingClient:
                 metrics=out_metrics,
             )
 
-        return self._holder.submit(run())
+        return self._ordered(2, run)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """Apply the accumulated gradients with AdamW and zero them."""
@@ -236,22 +274,21 @@ class TrainingClient:
         from tinker.sampling_client import SamplingClient
 
         sampler_seq = self._holder.next_sampler_seq()
-        seq_id = self._reserve()
 
-        async def run() -> wire.SamplingSessionCreated:
+        async def run(reserved: _Reserved) -> wire.SamplingSessionCreated:
             model_id = (await wrap(self._created)).model_id
             session_id = await wrap(self._holder.session_id())
             sampling_session_id = f"{session_id}:sample:{sampler_seq}"
-            await self._holder.call(
+            await reserved.send(
                 wire.SaveWeightsForSampler(
-                    model_id=model_id, seq_id=seq_id, sampling_session_id=sampling_session_id
+                    model_id=model_id, seq_id=reserved.seq_ids[0], sampling_session_id=sampling_session_id
                 )
             )
             return wire.SamplingSessionCreated(
                 sampling_session_id=sampling_session_id, base_model=self._base_model()
             )
 
-        return SamplingClient(self._holder, self._holder.submit(run()))
+        return SamplingClient(self._holder, self._ordered(1, run))
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         """A sampler for a saved ``sampler_weights`` checkpoint."""
@@ -268,6 +305,41 @@ class TrainingClient:
 
     async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
         return self.optim_step(*args, **kwargs)
+
+
+class _Reserved:
+    """The ``seq_id``s one call reserved. Each must reach the server: the backend runs a run's
+    requests strictly in ``seq_id`` order, so one never sent would hold up every later call of
+    the client forever.
+
+    ``send`` hands a request to a background task, so once started it completes even if the
+    caller is cancelled. ``close`` (when the call's future is done) releases (``wire.ReleaseSeq``)
+    each ``seq_id`` not sent: a custom loss raised, a request before it failed, the call was
+    cancelled. A send that fails releases its own too (harmless if the server had it: the
+    first of a ``seq_id``'s requests is the one that counts). Runs on the background loop only.
+    """
+
+    def __init__(self, client: TrainingClient, seq_ids: list[int]) -> None:
+        self.seq_ids = seq_ids
+        self._client = client
+        self._unsent = set(seq_ids)
+
+    async def send(self, request: Any) -> Any:
+        if request.seq_id not in self._unsent:  # closed: the call is over and its seq_ids released
+            raise asyncio.CancelledError
+        self._unsent.remove(request.seq_id)
+        task = _keep(self._client._holder.call(request))
+        task.add_done_callback(lambda done: self._release_if_failed(done, request.seq_id))
+        return await asyncio.shield(task)
+
+    def close(self) -> None:
+        for seq_id in sorted(self._unsent):
+            _keep(self._client._release(seq_id))
+        self._unsent.clear()
+
+    def _release_if_failed(self, task: asyncio.Task[Any], seq_id: int) -> None:
+        if not task.cancelled() and task.exception() is not None:  # cancelled: the loop is stopping
+            _keep(self._client._release(seq_id))
 
 
 # --- client-side checks: tinker.validation, as the backend runs them ---------------------------

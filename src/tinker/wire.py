@@ -141,7 +141,18 @@ class SaveWeightsForSampler(_Request):
     ttl_seconds: int | None = None
 
 
-TrainingRequest: TypeAlias = ForwardBackward | OptimStep | SaveState | LoadState | SaveWeightsForSampler
+class ReleaseSeq(_Request):
+    """Skip ``seq_id`` of a run: the client reserved it but will never send its request (a custom
+    loss raised, the call failed or was cancelled before it was sent). The server gives it its
+    place in the run's order without running anything, so the requests after it do not wait on a
+    gap. A ``seq_id`` whose request already arrived keeps that request and its answer."""
+
+    model_id: str
+    seq_id: int
+
+
+# Requests that take a place in a run's seq_id order.
+TrainingRequest: TypeAlias = ForwardBackward | OptimStep | SaveState | LoadState | SaveWeightsForSampler | ReleaseSeq
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -246,6 +257,7 @@ Request: TypeAlias = (
     | GetWeightsInfo
     | SetCheckpointTtl
     | Heartbeat
+    | ReleaseSeq
 )
 
 RESPONSE_TYPES: dict[type, type] = {
@@ -271,6 +283,7 @@ RESPONSE_TYPES: dict[type, type] = {
     GetWeightsInfo: WeightsInfoResponse,
     SetCheckpointTtl: Empty,
     Heartbeat: Empty,
+    ReleaseSeq: Empty,
 }
 
 
