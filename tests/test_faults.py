@@ -198,11 +198,9 @@ async def test_missed_heartbeats_free_the_sessions_slots(tmp_path, monkeypatch, 
     # The key's one run slot is taken: a client that heartbeats is refused with 429, waits,
     # and gets the slot once the silent session has expired.
     live = tinker.ServiceClient(base_url=server.base_url, api_key=key)
-    started = time.monotonic()
     tc = await live.create_lora_training_client(TINY, rank=4, seed=0)
-    assert time.monotonic() - started > 1.0
-    assert any("rate limited (runs:" in r.getMessage() for r in caplog.records)
-    # Its heartbeats keep its slot, past the session timeout.
+    assert any("rate limited (runs:" in r.getMessage() for r in caplog.records)  # refused first
+    # Its heartbeats keep its slot, past the session timeout (time must pass: nothing to wait on).
     await asyncio.sleep(4)
     async with RawClient(server.base_url, key) as late:
         session = await late.call(wire.CreateSession())
