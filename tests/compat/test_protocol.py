@@ -133,6 +133,8 @@ def test_client_config_asks_for_small_zstd_chunks(raw: Raw) -> None:
     }
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)  # 31 s measured (loaded)
 def test_long_poll_holds_then_says_try_again_until_the_gap_is_filled(raw: Raw) -> None:
     model_id = raw.create_model(raw.session())
     step = raw.optim_step(model_id, seq_id=2).json()  # seq 1 has not been sent: it must wait
