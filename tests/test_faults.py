@@ -70,6 +70,8 @@ class KillDuringSave(threading.Thread):
             time.sleep(0.0005)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # two server starts: est. 30-60 s loaded
 def test_kill_9_during_save_state_then_restart_resumes_exactly(tmp_path, servers):
     data_dir = tmp_path / "data"
     server = ServerProcess(data_dir)
@@ -186,6 +188,8 @@ async def test_an_exception_inside_one_request_fails_only_that_request(tmp_path)
     backend.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # 3 s + 4 s of waiting, a server start: est. 20-40 s loaded
 async def test_missed_heartbeats_free_the_sessions_slots(tmp_path, monkeypatch, caplog, servers):
     key = "tml-heartbeat-test-kkkkkkkkkkkkkkkk"
     server = ServerProcess(tmp_path / "data", "--api-key", key, "--session-timeout", "3", "--max-runs-per-key", "1")
