@@ -43,6 +43,8 @@ def test_async_agent(tmp_path):
     assert ticks > 20
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # SmolLM2-135M: est. 60-100 s loaded
 @pytest.mark.smollm2
 def test_quickstart_smollm2_learns_the_fact(tmp_path):
     out = run_example("quickstart.py", "--steps", "12", tmp_path=tmp_path)

@@ -125,6 +125,28 @@ def test_tokenizer_round_trips_and_chat_template(tiny_path: pathlib.Path) -> Non
     assert tok.decode(ids) == text
 
 
+def wait_until_blocked_on(lock_file: pathlib.Path, pids: set[int], timeout: float = 60) -> None:
+    """Wait until every process in ``pids`` waits for the flock on ``lock_file`` (Linux's
+    /proc/locks lists a waiter as ``-> FLOCK ... <pid> <dev>:<inode> ...``); elsewhere, half
+    a second."""
+    locks = pathlib.Path("/proc/locks")
+    if not locks.exists():
+        time.sleep(0.5)
+        return
+    inode = f":{os.stat(lock_file).st_ino}"
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = {
+            int(fields[5])
+            for fields in map(str.split, locks.read_text().splitlines())
+            if fields[1:3] == ["->", "FLOCK"] and fields[6].endswith(inode)
+        }
+        if pids <= waiting:
+            return
+        assert time.monotonic() < deadline, f"processes {pids - waiting} never waited on {lock_file}"
+        time.sleep(0.01)
+
+
 def test_concurrent_builds_yield_one_folder(tiny_path: pathlib.Path, fresh_cache: pathlib.Path) -> None:
     """Two processes build at once: both wait on the lock, one builds, both get the same folder."""
     child = (
@@ -144,7 +166,7 @@ def test_concurrent_builds_yield_one_folder(tiny_path: pathlib.Path, fresh_cache
         ]
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
+        wait_until_blocked_on(parent / ".tiny-llama.lock", {p.pid for p in procs})
         fcntl.flock(lock, fcntl.LOCK_UN)
     outs = [p.communicate(timeout=240)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]

@@ -48,13 +48,15 @@ def engine_and_scheduler():
 async def test_waits_on_gaps_and_runs_in_seq_order(engine_and_scheduler):
     engine, scheduler = engine_and_scheduler
     scheduler.add_run("r")
+    scheduler.add_run("other")
     second = scheduler.submit("r", 2, barrier(engine, "optim"))
-    await asyncio.sleep(0.05)
-    assert engine.calls == [] and not second.done()  # seq 1 missing: nothing may run
+    # Another run's request, submitted after it, completes: the scheduler has run a cycle.
+    assert await scheduler.submit("other", 1, barrier(engine, "other")) == "other"
+    assert engine.calls == [("barrier", "other")] and not second.done()  # seq 1 missing: r may not run
     first = scheduler.submit("r", 1, fb_work("r"))
     assert await second == "optim"
     assert (await first).metrics["n:sum"] == 1
-    assert engine.calls == [("fb", "r"), ("barrier", "optim")]
+    assert engine.calls == [("barrier", "other"), ("fb", "r"), ("barrier", "optim")]
 
 
 async def test_merges_runs_into_one_cycle_and_barriers_are_per_run(engine_and_scheduler):

@@ -37,6 +37,8 @@ def tiny_tokenizer() -> None:
     register_tokenizer(TINY, lambda: AutoTokenizer.from_pretrained(folder))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # not measured here (needs datasets, chz)
 def test_cookbook_supervised_train_learns(tmp_path: Path, tiny_tokenizer: None) -> None:
     data_file = tmp_path / "conversations.jsonl"
     with data_file.open("w") as f:
@@ -119,6 +121,8 @@ async def rl_loop(steps: int) -> list[float]:
     return mean_rewards
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # not measured here (needs datasets, chz)
 def test_rl_loop_on_the_official_sdk_raises_the_reward() -> None:
     rewards = asyncio.run(rl_loop(steps=10))
     assert np.mean(rewards[-2:]) > np.mean(rewards[:2]) + 0.2, rewards

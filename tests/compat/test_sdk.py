@@ -46,6 +46,8 @@ def loss_of(tc: tinker.TrainingClient, datum: types.Datum) -> float:
     return tc.forward([datum], "cross_entropy").result().metrics["loss:sum"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # 32 s measured (loaded)
 def test_pipelined_training_learns_and_get_tokenizer_works_offline(service: tinker.ServiceClient) -> None:
     tc = service.create_lora_training_client(TINY, rank=8, seed=0).result()
     info = tc.get_info()
@@ -124,6 +126,8 @@ def test_a_forward_backward_big_enough_to_be_chunked(service: tinker.ServiceClie
     assert whole.metrics["loss:sum"] == pytest.approx(sum(a.metrics["loss:sum"] for a in alone), rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)  # 29 s measured (loaded)
 def test_forward_backward_custom_learns(service: tinker.ServiceClient) -> None:
     tc = service.create_lora_training_client(TINY, rank=4, seed=3).result()
     datum, _ = text_datum(tc.get_tokenizer())
@@ -146,6 +150,8 @@ def test_forward_backward_custom_learns(service: tinker.ServiceClient) -> None:
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)  # 46 s measured (loaded)
 def test_ephemeral_named_and_base_model_samplers(service: tinker.ServiceClient) -> None:
     tc = service.create_lora_training_client(TINY, rank=8, seed=4).result()
     datum, full = text_datum(tc.get_tokenizer())
@@ -248,6 +254,8 @@ def test_rest_client(service: tinker.ServiceClient) -> None:
     assert sampler.get_base_model() == TINY
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # 57 s measured (loaded)
 def test_training_clients_from_state_with_and_without_optimizer(service: tinker.ServiceClient) -> None:
     tc = service.create_lora_training_client(TINY, rank=4, seed=7).result()
     datum, _ = text_datum(tc.get_tokenizer())

@@ -101,6 +101,8 @@ def train_teacher() -> str:
     return client.save_weights_for_sampler("teacher").result().path
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # about 100 s on a loaded 2-core machine
 def test_on_policy_distillation_kl_falls(tmp_path, embedded):
     teacher_path = train_teacher()
     steps = 12
@@ -121,6 +123,8 @@ def test_on_policy_distillation_kl_falls(tmp_path, embedded):
 # --- prompt distillation -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # est. 30-60 s loaded
 def test_prompt_distillation_trains_on_teacher_answers(tmp_path, embedded):
     queries = [f"Question number {i}?" for i in range(8)]
     config = prompt_distillation.Config(
@@ -147,6 +151,8 @@ def test_prompt_distillation_trains_on_teacher_answers(tmp_path, embedded):
     ("recipe", "extra", "key"),
     [("on_policy_distillation", ["test_size=4"], "teacher_kl"), ("prompt_distillation", ["filter_by_behaviour=false", "drop_truncated=false"], "train_mean_nll")],
 )
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a recipe subprocess: est. 30-60 s loaded
 def test_recipe_runs_two_steps(tmp_path, recipe, extra, key):
     log_path = tmp_path / "run"
     run(["-m", f"tinker_cookbook.recipes.{recipe}", f"model_name={TINY}", "max_steps=2", f"log_path={log_path}", *extra])

@@ -151,6 +151,8 @@ def test_bundled_file_and_builder():
 # --- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # est. 30-60 s loaded
 def test_dpo_learns_on_tiny_model(tmp_path, embedded):
     """On 8 fixed pairs, the loss starts at log(2) (policy == reference) and falls well below
     it, and the share of pairs ranked right rises to (nearly) all of them."""
@@ -180,6 +182,8 @@ def test_dpo_learns_on_tiny_model(tmp_path, embedded):
     assert rows[-1]["margin"] > 0 and rows[-1]["chosen_reward"] > rows[-1]["rejected_reward"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a recipe subprocess: est. 30-60 s loaded
 def test_recipe_runs_two_steps(tmp_path):
     log_path = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TINKER_BASE_URL"}

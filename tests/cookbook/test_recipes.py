@@ -35,6 +35,8 @@ def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[st
     return result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a recipe subprocess: 15-40 s loaded
 @pytest.mark.parametrize(("recipe", "extra", "key"), RECIPES, ids=[f"{r}-{'-'.join(e)}" for r, e, _ in RECIPES])
 def test_recipe_runs_two_steps(tmp_path, recipe, extra, key):
     if "env=gsm" in extra:
@@ -57,6 +59,8 @@ def test_recipe_refuses_to_overwrite_a_run(tmp_path):
     assert "log_path: " in result.stderr and "if_exists=resume" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # est. 45 s loaded
 def test_rl_actor_loop_example(tmp_path):
     result = run(["examples/rl_actor_loop.py", f"model_name={TINY}", "steps=3", "actors=4", "groups_per_step=2"])
     lines = result.stdout.splitlines()

@@ -229,6 +229,8 @@ def learned(r: list[float]) -> bool:
     return max(windows) > 0.5 and max(windows) > 3 * np.mean(r[:3])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # 28-32 RL steps: est. 30-90 s loaded
 def test_rl_sync_reward_rises(tmp_path, embedded):
     asyncio.run(train.main(rl_config(tmp_path, steps=28, eval_every=100)))  # test set at step 0 and the end
     r = rewards(tmp_path)
@@ -242,6 +244,8 @@ def test_rl_sync_reward_rises(tmp_path, embedded):
     assert (tmp_path / "metrics.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # 28-32 RL steps: est. 30-90 s loaded
 @pytest.mark.parametrize("mode", ["stream", "async"])
 def test_rl_stream_and_async_modes(tmp_path, embedded, mode):
     extra = (

@@ -147,6 +147,8 @@ def sft_config(log_path, data_path, **overrides) -> train.Config:
     return train.Config(**(fields | overrides))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # est. 30-60 s loaded
 def test_sft_learns_and_resumes(tmp_path, embedded):
     """NLL on the training data falls (the tiny model memorises four facts) and so does test NLL;
     a run stopped at step 8 and resumed ends where an uninterrupted run ends."""
