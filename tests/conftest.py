@@ -16,6 +16,10 @@ import pytest
 
 import tinker
 
+# Tests never reach the Hugging Face Hub: names like "no-such/model" must fail fast, offline
+# (tests of the Hub download path serve a fake Hub on loopback and unset this themselves).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 TINY = "tiny-llama"
 
 

@@ -142,6 +142,8 @@ async def test_awaiting_never_blocks_the_callers_loop(make_service):
 def test_bad_input_is_named_and_harmless(make_service):
     service = make_service()
     tc = service.create_lora_training_client(TINY, rank=4, seed=4)
+    info = tc.get_info()  # the architecture read from the model's config.json
+    assert (info.model_data.arch, info.model_data.model_name, info.lora_rank) == ("llama", TINY, 4)
     vocab = len(tc.get_tokenizer())
     good = Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})
     # Caught on the client, before sending:

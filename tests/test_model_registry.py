@@ -361,6 +361,7 @@ def hf_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib
     cache = tmp_path / "hf-hub"
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at its import
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return cache
 
@@ -470,6 +471,8 @@ def test_hub_download_asks_for_model_files_with_progress_bars(
         return str(folder)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # tests/conftest.py sets it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at its import
     disable_progress_bars()
     try:
         folder = model_registry.resolve_model("some-org/some-model")

@@ -29,6 +29,7 @@ from tinker.types import (
     TrainingRun,
 )
 from tinker.validation import InvalidInput, check_data_for_model, check_forward_backward, check_lora_rank
+from tinker_backend import model_registry
 from tinker_backend.checkpoint_index import CheckpointIndex, as_checkpoint, save_answer
 from tinker_backend.engine.protocol import Engine, FwdBwdItem
 from tinker_backend.engines import EnginePool
@@ -80,10 +81,14 @@ class Runs:
 
     def info(self, run: RunRecord) -> GetInfoResponse:
         config = LoraConfig(**run.lora_config)
+        try:
+            arch = model_registry.model_architecture(run.base_model).model_type or "unknown"
+        except model_registry.UnknownModelError:  # its weights left this machine since
+            arch = "unknown"
         return GetInfoResponse(
             model_id=run.run_id,
             model_data=ModelData(
-                arch="llama",
+                arch=arch,
                 model_name=run.base_model,
                 tokenizer_id=run.base_model,
             ),
