@@ -38,6 +38,7 @@ __all__ = [
     "check_forward_backward",
     "check_lora_rank",
     "check_loss_inputs",
+    "check_num_samples",
     "check_sample",
     "check_sample_for_model",
     "check_token_ids",
@@ -276,10 +277,14 @@ def check_sample(prompt_length: int, num_samples: Any, topk_prompt_logprobs: Any
     """The model-free checks of a ``sample`` request."""
     if prompt_length < 1:
         raise InvalidInput("prompt", "at least one token", described("0"))
-    if type(num_samples) is not int or not 1 <= num_samples <= MAX_NUM_SAMPLES:
-        raise InvalidInput("num_samples", f"1 to {MAX_NUM_SAMPLES}", num_samples)
+    check_num_samples(num_samples)
     if type(topk_prompt_logprobs) is not int or not 0 <= topk_prompt_logprobs <= MAX_TOPK_PROMPT_LOGPROBS:
         raise InvalidInput("topk_prompt_logprobs", f"0 to {MAX_TOPK_PROMPT_LOGPROBS}", topk_prompt_logprobs)
+
+
+def check_num_samples(num_samples: Any) -> None:
+    if type(num_samples) is not int or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidInput("num_samples", f"1 to {MAX_NUM_SAMPLES}", num_samples)
 
 
 def check_sample_for_model(

@@ -1,5 +1,10 @@
 """The native wire protocol: one msgspec Struct per message, msgpack-encoded.
 
+Public and shared: the ``tinker`` client encodes these requests and the server
+(``tinker_backend.request_handler``, whose dispatch is typed with :data:`Request`) decodes the
+very same Structs, so the two can never drift apart. Other programs may speak it too
+(``tests/native_wire.py`` does, raw); the schema-evolution rules below keep them working.
+
 A client holds one WebSocket to ``/native/v1/ws``. It sends ``Submit`` frames, each with a
 call id of its choosing and one request; the server answers each call with exactly one
 ``Result`` or ``Failure`` frame as soon as the work is done, in any order. Completions are

@@ -13,32 +13,53 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
 from tinker import wire
 from tinker.types import ForwardBackwardOutput, GetInfoResponse, LoadWeightsResponse, SampleResponse
+from tinker.validation import check_num_samples
 from tinker_backend import auth, model_registry
 from tinker_backend.compat import proto
+from tinker_backend.compat.bodies import (
+    CreateModelBody,
+    CreateSamplingSessionBody,
+    CreateSessionBody,
+    Handler,
+    LoadWeightsBody,
+    ModelBody,
+    OptimStepBody,
+    PageQuery,
+    RetrieveFutureBody,
+    SampleBody,
+    SaveWeightsBody,
+    SessionBody,
+    TtlBody,
+    WeightsInfoBody,
+    convert,
+    error_body,
+    errors_as_json,
+    json_response,
+    on_loopback,
+    only_last,
+    plain,
+    query_fields,
+    read_body,
+)
 from tinker_backend.compat.futures import Entry, FutureTable
 from tinker_backend.compat.sessions import Session, Sessions
 from tinker_backend.errors import ServiceError
-from tinker_backend.tenancy import RateLimited
 
 if TYPE_CHECKING:
     from tinker_backend.request_handler import RequestHandler
 
 logger = logging.getLogger("tinker_backend.compat")
 
-T = TypeVar("T")
-_MAX_NUM_SAMPLES = 128
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,179 +92,6 @@ class Config:
 def owner_of(request: web.Request) -> str:
     """Who is calling: the owner of the request's API key (401 without a valid one)."""
     return auth.authenticate(request)
-
-
-# --- JSON request bodies (unknown fields, such as the SDK's "type", are ignored) --------------
-
-
-class _Body(msgspec.Struct):
-    pass
-
-
-class CreateSessionBody(_Body):
-    user_metadata: dict[str, Any] | None = None
-    display_name: str | None = None
-
-
-class SessionBody(_Body):
-    session_id: str
-
-
-class CreateModelBody(_Body):
-    session_id: str
-    model_seq_id: int
-    base_model: str
-    lora_config: dict[str, Any] | None = None
-    user_metadata: dict[str, Any] | None = None
-    optimizer_config: dict[str, Any] | None = None
-
-
-class ModelBody(_Body):
-    model_id: str
-
-
-class OptimStepBody(_Body):
-    model_id: str
-    seq_id: int
-    adam_params: dict[str, Any] | None = None
-    optimizer_params: dict[str, Any] | None = None
-
-
-class SaveWeightsBody(_Body):
-    model_id: str
-    seq_id: int
-    path: str | None = None  # the checkpoint's name
-    ttl_seconds: int | None = None
-    sampling_session_seq_id: int | None = None  # save_weights_for_sampler without a name
-
-
-class LoadWeightsBody(_Body):
-    path: str
-    optimizer: bool
-    session_id: str | None = None  # with model_seq_id: a new run, created from the checkpoint
-    model_seq_id: int | None = None
-    model_id: str | None = None  # with seq_id: load into an existing run
-    seq_id: int | None = None
-
-
-class CreateSamplingSessionBody(_Body):
-    session_id: str
-    sampling_session_seq_id: int
-    base_model: str | None = None
-    model_path: str | None = None
-
-
-class SampleBody(_Body):
-    sampling_session_id: str
-    seq_id: int
-    prompt: dict[str, Any]
-    sampling_params: dict[str, Any]
-    num_samples: int = 1
-    prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    prompt_logprobs_last_n: int | None = None
-    # Not supported here; a request that asks for them is refused.
-    topk_sample_logprobs: int = 0
-    target_prompt_logprobs: Any = None
-    prompt_alt_tokens_k: int = 0
-    record_stability_info: bool | None = None
-
-
-class RetrieveFutureBody(_Body):
-    request_id: str
-    allow_metadata_only: bool = False
-
-
-class WeightsInfoBody(_Body):
-    tinker_path: str
-
-
-class TtlBody(_Body):
-    ttl_seconds: int | None
-
-
-class PageQuery(_Body):
-    limit: int = 20
-    offset: int = 0
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-async def _body(request: web.Request, body_type: type[T]) -> T:
-    try:
-        return msgspec.json.decode(await request.read(), type=body_type)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise ServiceError(400, f"body: {e}") from e
-
-
-def _convert(request_type: type[T], *, strict: bool = True, **fields: Any) -> T:
-    """``fields`` as a ``request_type`` (a native request, usually), validated by msgspec as on
-    the native wire; a bad field is a 400 naming it. ``strict=False`` parses query strings."""
-    try:
-        return msgspec.convert(fields, request_type, strict=strict)
-    except msgspec.ValidationError as e:
-        raise ServiceError(400, str(e)) from e
-
-
-def _query(request: web.Request, *names: str) -> dict[str, str]:
-    return {name: request.query[name] for name in names if name in request.query}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-ready builtins with every field, defaults included: the SDK's models
-    require fields (``is_lora``, say) that our Structs leave out when they hold their default."""
-    if isinstance(value, msgspec.Struct):
-        return {name: _plain(getattr(value, name)) for name in value.__struct_fields__}
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _json(value: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(_plain(value)), status=status, content_type="application/json"
-    )
-
-
-def _error(error: ServiceError) -> dict[str, str]:
-    return {"error": error.message, "category": error.category}
-
-
-def _errors_as_json(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except RateLimited as e:  # the SDK waits this long, then sends the request again
-            response = _json(_error(e), status=e.status)
-            response.headers["Retry-After-Ms"] = str(int(e.retry_after * 1000))
-            return response
-        except ServiceError as e:
-            return _json(_error(e), status=e.status)
-
-    return wrapped
-
-
-def _only_last(response: SampleResponse, n: int | None) -> SampleResponse:
-    """Keep the prompt logprobs of the last ``n`` prompt tokens only (``prompt_logprobs_last_n``)."""
-    if n is None:
-        return response
-
-    def cut(values: list[Any] | None) -> list[Any] | None:
-        return None if values is None else [None] * (len(values) - n) + values[len(values) - n :]
-
-    return msgspec.structs.replace(
-        response,
-        prompt_logprobs=cut(response.prompt_logprobs),
-        topk_prompt_logprobs=cut(response.topk_prompt_logprobs),
-    )
-
-
-def _on_loopback(request: web.Request) -> bool:
-    return request.remote in ("127.0.0.1", "::1")
 
 
 # --- the routes ----------------------------------------------------------------------------------
@@ -312,18 +160,18 @@ class TinkerHttpApi:
 
         def build() -> Any:
             try:
-                return _convert(request_type, model_id=model_id, seq_id=seq_id, **fields())
+                return convert(request_type, model_id=model_id, seq_id=seq_id, **fields())
             except ServiceError as e:
                 self.backend.reject_ordered(model_id, seq_id, owner, e)
                 raise
 
         self._start(owner, f"{model_id}/{seq_id}", build, finish)
-        return _json({"request_id": f"{model_id}/{seq_id}", "model_id": model_id})
+        return json_response({"request_id": f"{model_id}/{seq_id}", "model_id": model_id})
 
     # --- start-up and sessions ---
 
     async def client_config(self, request: web.Request) -> web.Response:
-        return _json(
+        return json_response(
             {
                 "fwdbwd_max_chunk_len": self.config.fwdbwd_max_chunk_len,
                 "proto_compress_fwdbwd": self.config.compress_fwdbwd and _zstd_bodies_supported(),
@@ -331,39 +179,39 @@ class TinkerHttpApi:
         )
 
     async def client_dynamic_config(self, request: web.Request) -> web.Response:
-        return _json({})
+        return json_response({})
 
     async def telemetry(self, request: web.Request) -> web.Response:
-        return _json({"status": "accepted"})
+        return json_response({"status": "accepted"})
 
     async def create_session(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, CreateSessionBody)
+        body = await read_body(request, CreateSessionBody)
         metadata = {key: str(value) for key, value in (body.user_metadata or {}).items()}
-        created = await self._call(_convert(wire.CreateSession, user_metadata=metadata), owner)
+        created = await self._call(convert(wire.CreateSession, user_metadata=metadata), owner)
         self.sessions.add(created.session_id, Session(owner, metadata, body.display_name))
-        return _json({"type": "create_session", "session_id": created.session_id})
+        return json_response({"type": "create_session", "session_id": created.session_id})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        session_id = (await _body(request, SessionBody)).session_id
+        session_id = (await read_body(request, SessionBody)).session_id
         if self.sessions.finished(session_id, owner):  # a 410 stops the SDK's heartbeat loop
             raise ServiceError(410, f"session_id: session {session_id!r} has finished")
         await self._call(wire.Heartbeat(session_id=session_id), owner)  # keeps the session's runs loaded
-        return _json({"type": "session_heartbeat"})
+        return json_response({"type": "session_heartbeat"})
 
     async def finish_session(self, request: web.Request) -> web.Response:
         self.sessions.get(request.match_info["session_id"], owner_of(request)).finished = True
-        return _json({})
+        return json_response({})
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        query = _convert(PageQuery, strict=False, **_query(request, "limit", "offset"))
-        return _json({"sessions": self.sessions.list(owner)[query.offset : query.offset + query.limit]})
+        query = convert(PageQuery, strict=False, **query_fields(request, "limit", "offset"))
+        return json_response({"sessions": self.sessions.list(owner)[query.offset : query.offset + query.limit]})
 
     async def get_session(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["session_id"], owner_of(request))
-        return _json(
+        return json_response(
             {
                 "training_run_ids": session.training_run_ids,
                 "sampler_ids": session.sampler_ids,
@@ -376,7 +224,7 @@ class TinkerHttpApi:
 
     async def create_model(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, CreateModelBody)
+        body = await read_body(request, CreateModelBody)
         if body.lora_config is None:
             raise ServiceError(
                 400, "lora_config: expected a LoRA config (this server trains LoRA adapters only), got none"
@@ -395,7 +243,7 @@ class TinkerHttpApi:
         self._start(
             owner,
             f"{model_id}/0",
-            lambda: _convert(
+            lambda: convert(
                 wire.CreateModel,
                 session_id=body.session_id,
                 model_seq_id=body.model_seq_id,
@@ -405,15 +253,15 @@ class TinkerHttpApi:
             ),
             created,
         )
-        return _json({"request_id": f"{model_id}/0", "model_id": model_id})
+        return json_response({"request_id": f"{model_id}/0", "model_id": model_id})
 
     async def get_info(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, ModelBody)
-        info: GetInfoResponse = await self._call(_convert(wire.GetInfo, model_id=body.model_id), owner)
-        if _on_loopback(request):
+        body = await read_body(request, ModelBody)
+        info: GetInfoResponse = await self._call(convert(wire.GetInfo, model_id=body.model_id), owner)
+        if on_loopback(request):
             info = await _with_local_tokenizer(info)
-        return _json(info)
+        return json_response(info)
 
     async def forward_backward(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
@@ -428,7 +276,7 @@ class TinkerHttpApi:
 
     async def optim_step(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, OptimStepBody)
+        body = await read_body(request, OptimStepBody)
 
         def fields() -> dict[str, Any]:
             if body.adam_params is None:
@@ -443,7 +291,7 @@ class TinkerHttpApi:
 
     async def save_weights(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, SaveWeightsBody)
+        body = await read_body(request, SaveWeightsBody)
 
         def fields() -> dict[str, Any]:
             if body.path is None:
@@ -458,7 +306,7 @@ class TinkerHttpApi:
         the same seq_id, and is answered with the first one's sampler. ``kind="inflight"`` is
         served as a snapshot, which its contract allows (a sampler may keep the weights it has)."""
         owner = owner_of(request)
-        body = await _body(request, SaveWeightsBody)
+        body = await read_body(request, SaveWeightsBody)
 
         def fields() -> dict[str, Any]:
             if body.path is not None:
@@ -479,7 +327,7 @@ class TinkerHttpApi:
 
     async def load_weights(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, LoadWeightsBody)
+        body = await read_body(request, LoadWeightsBody)
         if body.model_id is not None and body.seq_id is not None:
             fields = {"path": body.path, "with_optimizer": body.optimizer}
             return self._start_ordered(owner, body.model_id, body.seq_id, wire.LoadState, lambda: fields)
@@ -498,7 +346,7 @@ class TinkerHttpApi:
         self._start(
             owner,
             f"{model_id}/0",
-            lambda: _convert(
+            lambda: convert(
                 wire.CreateModelFromState,
                 session_id=body.session_id,
                 model_seq_id=body.model_seq_id,
@@ -507,15 +355,15 @@ class TinkerHttpApi:
             ),
             loaded,
         )
-        return _json({"request_id": f"{model_id}/0", "model_id": model_id})
+        return json_response({"request_id": f"{model_id}/0", "model_id": model_id})
 
     # --- sampling ---
 
     async def create_sampling_session(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, CreateSamplingSessionBody)
+        body = await read_body(request, CreateSamplingSessionBody)
         sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
-        native = _convert(
+        native = convert(
             wire.CreateSamplingSession,
             sampling_session_id=sampler_id,
             model_path=body.model_path,
@@ -523,21 +371,21 @@ class TinkerHttpApi:
         )
         await self._call(native, owner)
         self.sessions.record_sampler(sampler_id, owner)
-        return _json({"type": "create_sampling_session", "sampling_session_id": sampler_id})
+        return json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
 
     async def get_sampler(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        native = _convert(wire.GetSampler, sampling_session_id=request.match_info["sampler_id"])
+        native = convert(wire.GetSampler, sampling_session_id=request.match_info["sampler_id"])
         sampler: wire.SamplingSessionCreated = await self._call(native, owner)
         # Samplers made by save_weights_and_get_sampling_client have no checkpoint path.
         path = sampler.model_path if (sampler.model_path or "").startswith("tinker://") else None
-        return _json(
+        return json_response(
             {"sampler_id": sampler.sampling_session_id, "base_model": sampler.base_model, "model_path": path}
         )
 
     async def asample(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, SampleBody)
+        body = await read_body(request, SampleBody)
         unsupported = {
             "topk_sample_logprobs": body.topk_sample_logprobs != 0,
             "target_prompt_logprobs": body.target_prompt_logprobs is not None,
@@ -547,13 +395,11 @@ class TinkerHttpApi:
         for name, asked in unsupported.items():
             if asked:
                 raise ServiceError(400, f"{name}: not supported by this server (leave it at its default)")
-        # The backend checks this too, but the sequence ids below are listed before it runs.
-        if not 1 <= body.num_samples <= _MAX_NUM_SAMPLES:
-            raise ServiceError(400, f"num_samples: expected 1 to {_MAX_NUM_SAMPLES}, got {body.num_samples}")
+        check_num_samples(body.num_samples)  # now: the sequence ids below are listed before it runs
         request_id = f"{body.sampling_session_id}/{body.seq_id}"
 
         def build() -> wire.Sample:
-            native = _convert(
+            native = convert(
                 wire.Sample,
                 sampling_session_id=body.sampling_session_id,
                 seq_id=body.seq_id,
@@ -575,29 +421,29 @@ class TinkerHttpApi:
             return native
 
         self._start(
-            owner, request_id, build, lambda response: _only_last(response, body.prompt_logprobs_last_n)
+            owner, request_id, build, lambda response: only_last(response, body.prompt_logprobs_last_n)
         )
         sequence_ids = [f"{request_id}/{i}" for i in range(body.num_samples)]
-        return _json({"request_id": request_id, "sample_sequence_ids": sequence_ids})
+        return json_response({"request_id": request_id, "sample_sequence_ids": sequence_ids})
 
     # --- futures ---
 
     async def retrieve_future(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
-        body = await _body(request, RetrieveFutureBody)
+        body = await read_body(request, RetrieveFutureBody)
         entry = await self.futures.wait(owner, body.request_id, self.config.long_poll_s)
         if entry is None:
             raise ServiceError(410, self._gone(body.request_id, owner))
         if not entry.task.done():
-            return _json({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
+            return json_response({"type": "try_again", "request_id": body.request_id, "queue_state": "active"})
         error = entry.task.exception()
         if error is not None:
             assert isinstance(error, ServiceError)  # _call raises nothing else
-            return _json(_error(error))
+            return json_response(error_body(error))
         content_type = self._encode(entry, "application/x-protobuf" in request.headers.get("Accept", ""))
         payload = entry.encoded[content_type]
         if body.allow_metadata_only and len(payload) > self.config.inline_result_bytes:
-            return _json({"status": "complete_metadata", "response_payload_size": len(payload)})
+            return json_response({"status": "complete_metadata", "response_payload_size": len(payload)})
         return web.Response(body=payload, content_type=content_type)
 
     def _gone(self, request_id: str, owner: str) -> str:
@@ -619,7 +465,7 @@ class TinkerHttpApi:
         elif protobuf and isinstance(result, SampleResponse):
             content_type, encode = "application/x-protobuf", proto.encode_sample_response
         else:
-            content_type, encode = "application/json", lambda value: msgspec.json.encode(_plain(value))
+            content_type, encode = "application/json", lambda value: msgspec.json.encode(plain(value))
         if content_type not in entry.encoded:
             entry.encoded[content_type] = encode(result)
         return content_type
@@ -627,42 +473,42 @@ class TinkerHttpApi:
     # --- REST ---
 
     async def _rest(self, request: web.Request, native: Any) -> web.Response:
-        return _json(await self._call(native, owner_of(request)))
+        return json_response(await self._call(native, owner_of(request)))
 
     async def get_server_capabilities(self, request: web.Request) -> web.Response:
         return await self._rest(request, wire.GetServerCapabilities())
 
     async def list_training_runs(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(wire.ListTrainingRuns, strict=False, **_query(request, "limit", "offset"))
+            request, convert(wire.ListTrainingRuns, strict=False, **query_fields(request, "limit", "offset"))
         )
 
     async def get_training_run(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(wire.GetTrainingRun, training_run_id=request.match_info["run_id"])
+            request, convert(wire.GetTrainingRun, training_run_id=request.match_info["run_id"])
         )
 
     async def list_checkpoints(self, request: web.Request) -> web.Response:
         return await self._rest(
-            request, _convert(wire.ListCheckpoints, training_run_id=request.match_info["run_id"])
+            request, convert(wire.ListCheckpoints, training_run_id=request.match_info["run_id"])
         )
 
     async def list_user_checkpoints(self, request: web.Request) -> web.Response:
-        query = _query(request, "limit", "offset")
-        return await self._rest(request, _convert(wire.ListUserCheckpoints, strict=False, **query))
+        query = query_fields(request, "limit", "offset")
+        return await self._rest(request, convert(wire.ListUserCheckpoints, strict=False, **query))
 
     async def delete_checkpoint(self, request: web.Request) -> web.Response:
-        return await self._rest(request, _convert(wire.DeleteCheckpoint, tinker_path=_tinker_path(request)))
+        return await self._rest(request, convert(wire.DeleteCheckpoint, tinker_path=_tinker_path(request)))
 
     async def set_checkpoint_ttl(self, request: web.Request) -> web.Response:
-        ttl = (await _body(request, TtlBody)).ttl_seconds
+        ttl = (await read_body(request, TtlBody)).ttl_seconds
         return await self._rest(
-            request, _convert(wire.SetCheckpointTtl, tinker_path=_tinker_path(request), ttl_seconds=ttl)
+            request, convert(wire.SetCheckpointTtl, tinker_path=_tinker_path(request), ttl_seconds=ttl)
         )
 
     async def weights_info(self, request: web.Request) -> web.Response:
-        path = (await _body(request, WeightsInfoBody)).tinker_path
-        return await self._rest(request, _convert(wire.GetWeightsInfo, tinker_path=path))
+        path = (await read_body(request, WeightsInfoBody)).tinker_path
+        return await self._rest(request, convert(wire.GetWeightsInfo, tinker_path=path))
 
     async def unsupported(self, request: web.Request) -> web.Response:
         raise ServiceError(
@@ -739,7 +585,7 @@ def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) ->
         ("GET", "/api/v1/sessions/{session_id}/trace_export", api.unsupported),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _errors_as_json(handler))
+        app.router.add_route(method, path, errors_as_json(handler))
 
     async def release_long_polls(app: web.Application) -> None:
         api.futures.close()
