@@ -30,7 +30,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     install(session)
-    session.run("mypy", "src/tinker")
+    session.run("mypy", "src/tinker", "backend/tinker_backend")
 
 
 @nox.session(python="3.11")

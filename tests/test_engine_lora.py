@@ -336,7 +336,7 @@ def test_invalid_items_fail_alone(engine):
                 FwdBwdItem("ok", [no_weights], "cross_entropy", None, True),
             ]
         )
-        assert isinstance(results[0], ValueError) and "max_context_length" in str(results[0])
+        assert isinstance(results[0], ValueError) and "tokens (context length)" in str(results[0])
         assert isinstance(results[1], ValueError) and "data[0].model_input: expected token ids" in str(results[1])
         assert results[2].metrics == alone.metrics
         assert isinstance(results[3], ValueError) and "target_tokens" in str(results[3])

@@ -24,7 +24,7 @@ from tinker_backend.tenancy import KeyLimits
 logger = logging.getLogger("tinker_backend.api")
 
 BACKEND_KEY = web.AppKey("backend", RequestHandler)
-SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet)
+SOCKETS_KEY: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 MAX_REQUEST_BYTES_KEY = web.AppKey("max_request_bytes", int)
 MAX_FRAME_HEADER = "X-Tinker-Max-Frame-Bytes"
 # Largest native frame accepted (a forward_backward of many long sequences fits easily).
@@ -116,7 +116,7 @@ def make_app(
 
     async def close_sockets(app: web.Application) -> None:
         # Open WebSockets would otherwise hold a graceful shutdown until its timeout.
-        for ws in list(app[SOCKETS_KEY]):
+        for ws in list(app[SOCKETS_KEY]):  # type: ignore[index]  # aiohttp's stubs reject WeakSet keys
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     async def stop(app: web.Application) -> None:

@@ -537,10 +537,10 @@ def _convert_smollm2(out: pathlib.Path) -> None:
     # into a plain model built from the same config minus the quantization marker.
     config = quantized.config
     del config.quantization_config
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # transformers types it as the base config
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    model.to(torch.bfloat16).save_pretrained(out)  # bf16 halves the disk; the engine upcasts on CPU
+    model.to(torch.bfloat16).save_pretrained(out)  # type: ignore[arg-type]  # bf16 halves the disk; the engine upcasts on CPU
     tok.model_max_length = _SMOLLM2_MAX_CONTEXT
     tok.save_pretrained(out)
     _portable_tokenizer_class(out)

@@ -80,8 +80,12 @@ class Config:
 
     @classmethod
     def from_env(cls) -> Config:
-        parse = {"float": float, "int": int, "bool": lambda raw: raw.lower() in ("1", "true", "yes")}
-        values = {}
+        parse: dict[str, Callable[[str], float | int | bool]] = {
+            "float": float,
+            "int": int,
+            "bool": lambda raw: raw.lower() in ("1", "true", "yes"),
+        }
+        values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             raw = os.environ.get(f"TINKER_COMPAT_{field.name.upper()}")
             if raw is not None:
@@ -460,6 +464,7 @@ class TinkerHttpApi:
         """Encode the entry's answer (once per content type); returns the content type used.
         The SDK asks for protobuf for forward_backward and sample results, JSON for the rest."""
         result = entry.task.result()
+        encode: Callable[[Any], bytes]
         if protobuf and isinstance(result, ForwardBackwardOutput):
             content_type, encode = "application/x-protobuf", proto.encode_forward_backward_output
         elif protobuf and isinstance(result, SampleResponse):

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch.nn import functional as F
@@ -444,6 +444,7 @@ class SamplingBatcher:
     def _finish_if_done(self, row: _Row) -> bool:
         """Record ``row``'s sequence if its last token ends it; answer the request when it was the last."""
         request = row.job.request
+        reason: Literal["stop", "length"]
         if request.stop.is_done(row.tokens):
             reason = "stop"
         elif len(row.tokens) >= request.max_tokens:

@@ -67,7 +67,7 @@ class _Plan(NamedTuple):
 
     blocks: tuple[int, ...]  # the segment (its index in the routing) of each block
     length: int
-    index: torch.Tensor | None  # [blocks * length] batch row of each block row; None: rows 0..n in order
+    row_index: torch.Tensor | None  # [blocks * length] batch row of each block row; None: rows 0..n in order
     mask: torch.Tensor | None  # [blocks * length] 1 for a real row, 0 for padding; None: no padding
     scale: torch.Tensor  # [blocks, 1, 1] the scaling of each block's adapter
 
@@ -125,7 +125,7 @@ class LoraRouting:
         return _Plan(
             blocks=tuple(blocks),
             length=length,
-            index=None if in_order else torch.tensor(rows, device=device),
+            row_index=None if in_order else torch.tensor(rows, device=device),
             mask=torch.tensor(real, dtype=dtype, device=device) if padded else None,
             scale=torch.tensor(scale, dtype=dtype, device=device).view(-1, 1, 1),
         )
@@ -224,16 +224,16 @@ class LoraLinear(nn.Module):
         A = torch.stack([padded[i][0] for i in plan.blocks])
         B = torch.stack([padded[i][1] for i in plan.blocks])
         x = x.to(dtype)
-        if plan.index is not None:
-            x = x.index_select(0, plan.index)
+        if plan.row_index is not None:
+            x = x.index_select(0, plan.row_index)
         if plan.mask is not None:  # zero padding rows: their delta is exactly zero
             x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
         xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
         delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # x @ A.T @ B.T
         delta = (delta * plan.scale).to(y.dtype)
-        if plan.index is None:
+        if plan.row_index is None:
             return y + delta.reshape(y.shape)
-        return y.index_add(0, plan.index, delta.reshape(-1, *y.shape[1:]))
+        return y.index_add(0, plan.row_index, delta.reshape(-1, *y.shape[1:]))
 
 
 def _classify(path: str, is_unembed: bool) -> LayerKind | None:

@@ -221,7 +221,7 @@ class ModelEngine:
                 outputs = [e] * len(prepared)
             for i, output in zip(positions, outputs, strict=True):
                 results[i] = output
-        return results
+        return [result for result in results if result is not None]  # every item has its result
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
         """Apply AdamW with ``params`` to the accumulated gradients, then clear them."""

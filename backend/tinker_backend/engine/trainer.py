@@ -119,8 +119,8 @@ def prepare_item(
 
     Raises ValueError naming the offending field, so that a bad request fails alone.
     """
-    check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
     check_data_for_model(item.data, vocab_size, max_length)
+    check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
     config = resolve_loss_config(item.loss_fn, item.loss_fn_config)
     tokens = [datum.model_input.to_ints() for datum in item.data]
     inputs = [{name: td.to_torch().to(device) for name, td in datum.loss_fn_inputs.items()} for datum in item.data]
