@@ -176,8 +176,6 @@ class TrainingClient:
         ]
 
         async def run(reserved: _Reserved) -> ForwardBackwardOutput:
-            import torch
-
             first_seq = reserved.seq_ids[0]
             model_id = (await wrap(self._created)).model_id
             forward = await reserved.send(
@@ -189,33 +187,14 @@ class TrainingClient:
             logprobs = [out["logprobs"].to_torch().requires_grad_(True) for out in forward.loss_fn_outputs]
             loss, metrics = loss_fn(list(data), logprobs)  # if it raises, the backward's seq_id is released
             loss.backward()
-            weighted = [
-                Datum(
-                    model_input=d.model_input,
-                    loss_fn_inputs={
-                        "target_tokens": d.loss_fn_inputs["target_tokens"],
-                        "weights": TensorData.from_torch(
-                            -(lp.grad if lp.grad is not None else torch.zeros_like(lp))
-                        ),
-                    },
-                )
-                for d, lp in zip(surrogate_inputs, logprobs, strict=True)
-            ]
+            weighted = _gradient_weighted(surrogate_inputs, logprobs)
             await asyncio.sleep(0)  # a cancel that came while loss_fn ran lands here: nothing more is sent
             backward = await reserved.send(
                 wire.ForwardBackward(
                     model_id=model_id, seq_id=first_seq + 1, data=weighted, loss_fn="cross_entropy"
                 )
             )
-            out_metrics = dict(backward.metrics)
-            out_metrics["surrogate_loss:sum"] = out_metrics.pop("loss:sum", 0.0)
-            out_metrics["loss:sum"] = float(loss.detach())
-            out_metrics.update({k: float(v) for k, v in metrics.items()})
-            return ForwardBackwardOutput(
-                loss_fn_output_type=backward.loss_fn_output_type,
-                loss_fn_outputs=backward.loss_fn_outputs,
-                metrics=out_metrics,
-            )
+            return _custom_output(backward, float(loss.detach()), metrics)
 
         return self._ordered(2, run)
 
@@ -374,3 +353,31 @@ def _zero_weights_where_missing(data: Sequence[Datum]) -> Sequence[Datum]:
             datum = Datum(model_input=datum.model_input, loss_fn_inputs={**inputs, "weights": zeros})
         out.append(datum)
     return out
+
+
+def _gradient_weighted(surrogate: list[Datum], logprobs: list[Any]) -> list[Datum]:
+    """The backward half of ``forward_backward_custom``: ``cross_entropy`` weighted by
+    ``-dloss/dlogprobs``, whose parameter gradient equals the custom loss's."""
+    import torch
+
+    return [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "weights": TensorData.from_torch(-(lp.grad if lp.grad is not None else torch.zeros_like(lp))),
+            },
+        )
+        for d, lp in zip(surrogate, logprobs, strict=True)
+    ]
+
+
+def _custom_output(backward: ForwardBackwardOutput, loss: float, metrics: dict[str, Any]) -> ForwardBackwardOutput:
+    """The backward's outputs, with the custom loss as ``loss:sum`` (the surrogate's kept aside)."""
+    out_metrics = dict(backward.metrics)
+    out_metrics["surrogate_loss:sum"] = out_metrics.pop("loss:sum", 0.0)
+    out_metrics["loss:sum"] = loss
+    out_metrics.update({k: float(v) for k, v in metrics.items()})
+    return ForwardBackwardOutput(
+        loss_fn_output_type=backward.loss_fn_output_type, loss_fn_outputs=backward.loss_fn_outputs, metrics=out_metrics
+    )

@@ -140,27 +140,10 @@ def forward_backward_batch(
     ``.grad``. A loss that fails marks only its own item; an adapter whose every backward item
     failed keeps the gradients it had.
     """
-    # Sorted by adapter, then training items first, so that each adapter gets few segments.
-    order = sorted(range(len(items)), key=lambda i: (items[i].key, not items[i].backward))
-    rows: list[list[int]] = []
-    segments: list[Segment] = []
-    first_row: dict[int, int] = {}
-    for i in order:
-        item = items[i]
-        first_row[i] = len(rows)
-        rows.extend(item.tokens)
-        last = segments[-1] if segments else None
-        if last and (last.adapter, last.requires_grad) == (item.key, item.backward):
-            segments[-1] = last._replace(stop=len(rows))  # one matmul for the adapter's rows
-        else:
-            segments.append(Segment(item.key, first_row[i], len(rows), item.backward))
+    order, rows, segments, first_row = _layout(items)
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, ids in enumerate(rows):  # right padding: real positions never attend to the padding
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
+    input_ids, attention_mask = _right_padded(rows, width)
 
     trained = {items[i].key for i in order if items[i].backward}
     untouched_grads = {key: [p for p in adapters[key].parameters() if p.grad is None] for key in trained}
@@ -199,6 +182,35 @@ def forward_backward_batch(
         for p in untouched_grads[key]:
             p.grad = None
     return results
+
+
+def _layout(items: Sequence[PreparedItem]) -> tuple[list[int], list[list[int]], list[Segment], dict[int, int]]:
+    """Rows of the batch: items sorted by adapter, training items first, so that each adapter
+    gets few segments. Returns (item order, token rows, segments, first row of each item)."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].key, not items[i].backward))
+    rows: list[list[int]] = []
+    segments: list[Segment] = []
+    first_row: dict[int, int] = {}
+    for i in order:
+        item = items[i]
+        first_row[i] = len(rows)
+        rows.extend(item.tokens)
+        last = segments[-1] if segments else None
+        if last and (last.adapter, last.requires_grad) == (item.key, item.backward):
+            segments[-1] = last._replace(stop=len(rows))  # one matmul for the adapter's rows
+        else:
+            segments.append(Segment(item.key, first_row[i], len(rows), item.backward))
+    return order, rows, segments, first_row
+
+
+def _right_padded(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, right-padded: real positions never attend to the padding."""
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+    return input_ids, attention_mask
 
 
 def _target_logprobs(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
