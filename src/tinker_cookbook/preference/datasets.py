@@ -13,14 +13,13 @@ file, line and field (``data.jsonl:7: completion_B[0]: ...``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tinker_cookbook.exceptions import DataError
 from tinker_cookbook.preference.types import Comparison, LabeledComparison
-from tinker_cookbook.utils.batching import RowBatches, split_test_rows
+from tinker_cookbook.utils.rows import RowBatches, read_jsonl, split_test_rows
 
 FIELDS = ("prompt_conversation", "completion_A", "completion_B", "label")
 
@@ -48,16 +47,7 @@ def _as_messages(value: Any) -> Any:
 
 def load_comparisons_jsonl(path: str | Path) -> list[LabeledComparison]:
     """Every labeled comparison of a JSONL file (blank lines are skipped)."""
-    comparisons = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            comparisons.append(labeled_comparison_from_row(row, f"{path}:{line_no}"))
+    comparisons = [labeled_comparison_from_row(row, where) for row, where in read_jsonl(path)]
     if not comparisons:
         raise DataError(f"{path}: no comparisons")
     return comparisons
@@ -68,7 +58,7 @@ class ComparisonDataset(RowBatches):
 
     ``rows`` is a list of ``LabeledComparison`` or of raw rows (e.g. a ``datasets.Dataset``),
     which are checked when their batch is requested. A last partial batch is dropped
-    (:class:`~tinker_cookbook.utils.batching.RowBatches`).
+    (:class:`~tinker_cookbook.utils.rows.RowBatches`).
     """
 
     def get_batch(self, index: int) -> list[LabeledComparison]:

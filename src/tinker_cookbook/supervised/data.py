@@ -6,7 +6,6 @@ token (``target_tokens``) and its weight (``weights``); see :func:`datum_from_to
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 import tinker
 from tinker_cookbook.exceptions import DataError
 from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat
-from tinker_cookbook.utils.batching import RowBatches, split_test_rows
+from tinker_cookbook.utils.rows import RowBatches, read_jsonl, split_test_rows
 
 
 def datum_from_tokens_weights(tokens: Sequence[int], weights: Sequence[float], max_length: int | None = None) -> tinker.Datum:
@@ -58,17 +57,7 @@ def check_conversation(row: Any, where: str) -> list[Message]:
 
 def load_conversations_jsonl(path: str | Path) -> list[list[Message]]:
     """Conversations from a JSONL file with one ``{"messages": [{"role", "content"}, ...]}`` per line."""
-    conversations = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            conversations.append(check_conversation(row, f"{path}:{line_no}"))
-    return conversations
+    return [check_conversation(row, where) for row, where in read_jsonl(path)]
 
 
 class SupervisedDataset(ABC):
@@ -91,7 +80,7 @@ class ConversationDataset(RowBatches, SupervisedDataset):
     ``rows`` is any sequence of ``{"messages": [...]}`` rows: a list, or a Hugging Face
     ``datasets.Dataset``. Rows are checked and rendered when their batch is requested; the
     order is shuffled per epoch (seeded), and a last partial batch is dropped
-    (:class:`~tinker_cookbook.utils.batching.RowBatches`).
+    (:class:`~tinker_cookbook.utils.rows.RowBatches`).
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Rows in batches: the one batching scheme of the supervised and the preference datasets.
+"""Dataset rows, shared by the supervised and the preference datasets: read from JSONL, a test
+set split off, and served in batches.
 
 ``rows`` is any sequence (a list, or a Hugging Face ``datasets.Dataset``). Batch ``i`` of an
 epoch holds ``batch_size`` rows of an order shuffled per epoch (seeded by the epoch, so a
@@ -11,11 +12,26 @@ resumed run sees the same batches); a last partial batch is dropped.
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from tinker_cookbook.exceptions import DataError
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[Any, str]]:
+    """Each row of a JSONL file with where it stands (``"data.jsonl:7"``); blank lines skipped."""
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
+            yield row, f"{path}:{line_no}"
 
 
 class RowBatches:
