@@ -8,18 +8,18 @@ were fitted by Thinking Machines on their sweeps; SmolLM2 and the tiny test mode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from tinker_cookbook.exceptions import ConfigurationError
+from tinker_cookbook.model_files import load_model_config
 
 LORA_OVER_FULL_FINETUNE_LR = 10.0
 _BASE_LR = 5e-5
 _EXPONENTS = {"llama": 0.781, "qwen": 0.0775}
 
-# (hidden size, family) of models whose config may not be on this machine.
+# (hidden size, family) of models whose config may not be on this machine; any other model's
+# config.json comes from model_files (a local folder, the Hugging Face cache or the backend).
 _KNOWN = {
     "tiny-llama": (128, "llama"),
     "HuggingFaceTB/SmolLM2-135M-Instruct": (576, "llama"),
@@ -31,22 +31,6 @@ _KNOWN = {
     "Qwen/Qwen3-8B": (4096, "qwen"),
     "Qwen/Qwen3-32B": (5120, "qwen"),
 }
-
-
-def load_model_config(model_name: str) -> dict[str, Any]:
-    """``config.json`` of ``model_name`` from this machine (a folder, the embedded backend's
-    offline models, or the Hugging Face cache)."""
-    folder = Path(model_name).expanduser()
-    if not (folder / "config.json").is_file():
-        try:
-            from tinker_backend import model_registry
-
-            folder = model_registry.resolve_model(model_name)
-        except ImportError:
-            raise ConfigurationError(f"model_name: no config.json for {model_name!r} on this machine") from None
-        except ValueError as e:
-            raise ConfigurationError(f"model_name: {e}") from e
-    return json.loads((folder / "config.json").read_text())
 
 
 def _family(model_name: str, config: Mapping[str, Any]) -> str:

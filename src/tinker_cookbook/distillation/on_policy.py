@@ -33,18 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import tinker
-from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.distillation.datasets import PromptGroupBuilder
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
 from tinker_cookbook.exceptions import ConfigurationError
-from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
 from tinker_cookbook.rl.data_processing import trajectory_to_data
 from tinker_cookbook.rl.metrics import compute_kl_sample_train, compute_trajectory_metrics
 from tinker_cookbook.rl.rollouts import do_group_rollout
 from tinker_cookbook.rl.types import RLDataset, RLDatasetBuilder, TrajectoryGroup
+from tinker_cookbook.training_run import count_steps, start_training_run
 from tinker_cookbook.utils.misc import progress, timed
-from tinker_cookbook.utils.ml_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -171,22 +169,13 @@ async def _evaluate(
 
 async def main(config: Config) -> None:
     """Distil the teacher into the student for ``max_steps`` (or one pass over the dataset)."""
-    service = tinker.ServiceClient(base_url=config.base_url)
-    training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
-    )
-    await training_client
-    ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)
-    renderer = get_renderer(
-        config.renderer_name or get_recommended_renderer_name(config.model_name), training_client.get_tokenizer()
-    )
-    dataset, test_dataset = config.dataset_builder(renderer)
-    teacher = create_teacher(service, config.teacher_model or config.model_name)
-    total = len(dataset) if config.max_steps is None else min(config.max_steps, len(dataset))
+    run = await start_training_run(config)
+    training_client, start_step, ml_logger = run.training_client, run.start_step, run.ml_logger
+    dataset, test_dataset = config.dataset_builder(run.renderer)
+    teacher = create_teacher(run.service, config.teacher_model or config.model_name)
+    total = count_steps(len(dataset), max_steps=config.max_steps)
     has_eval = bool(config.evaluators) or test_dataset is not None
-    adam = tinker.AdamParams(
-        learning_rate=config.learning_rate, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps
-    )
+    adam = run.adam(config.learning_rate)
     for step in progress(range(start_step, total), desc="distill", total=total - start_step):
         t0 = time.perf_counter()
         sampler = training_client.save_weights_and_get_sampling_client()
@@ -203,16 +192,13 @@ async def main(config: Config) -> None:
                 await optim
                 train_logprobs = [out["logprobs"].to_numpy() for out in result.loss_fn_outputs]
                 metrics.update(compute_kl_sample_train(data_D, masks_D, train_logprobs))
-        if config.save_every > 0 and (step + 1) % config.save_every == 0 and step + 1 < total:
-            await checkpoint_utils.save_checkpoint(training_client, f"{step + 1:06d}", config.log_path, step + 1)
+        await run.maybe_save(step + 1, total)
         rollout_metrics = compute_trajectory_metrics(groups_P)  # rewards are all 0: keep the env metrics
         metrics.update({k: v for k, v in rollout_metrics.items() if k.startswith("env/all/") and k != "env/all/reward"})
         metrics["rollout/errors"] = rollout_metrics["rollout/errors"]
         metrics["time/step"] = time.perf_counter() - t0
         ml_logger.log_metrics(metrics, step=step)
-    if total > start_step:
-        if has_eval:
-            final_sampler = training_client.save_weights_and_get_sampling_client()
-            ml_logger.log_metrics(await _evaluate(final_sampler, teacher, test_dataset, config), step=total)
-        await checkpoint_utils.save_checkpoint(training_client, "final", config.log_path, total, kind="both", final=True)
-    ml_logger.close()
+    if total > start_step and has_eval:
+        final_sampler = training_client.save_weights_and_get_sampling_client()
+        ml_logger.log_metrics(await _evaluate(final_sampler, teacher, test_dataset, config), step=total)
+    await run.finish(total)

@@ -32,15 +32,10 @@ from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.distillation.on_policy import create_teacher
 from tinker_cookbook.eval.evaluators import SamplingEvaluator, TrainingClientEvaluator
 from tinker_cookbook.exceptions import DataError
-from tinker_cookbook.renderers import (
-    Message,
-    Renderer,
-    TrainOnWhat,
-    get_recommended_renderer_name,
-    get_renderer,
-)
+from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat, get_renderer
 from tinker_cookbook.supervised import train
 from tinker_cookbook.supervised.data import ConversationFileBuilder
+from tinker_cookbook.training_run import create_service_client, resolve_renderer_name
 from tinker_cookbook.utils.lr_scheduling import LRSchedule
 
 logger = logging.getLogger(__name__)
@@ -175,8 +170,8 @@ async def build_teacher_data(
 
 async def main(config: Config) -> None:
     """Generate the teacher's answers, then fine-tune the student on them."""
-    service = tinker.ServiceClient(base_url=config.base_url)
-    renderer_name = config.renderer_name or get_recommended_renderer_name(config.model_name)
+    service = create_service_client(config)
+    renderer_name = resolve_renderer_name(config)
     teacher = create_teacher(service, config.teacher_model or config.model_name)
     renderer = get_renderer(renderer_name, (await teacher).get_tokenizer())  # the student's tokenizer too
     path, test_size, teacher_score = await build_teacher_data(config, renderer, teacher)

@@ -13,15 +13,13 @@ file, line and field (``data.jsonl:7: completion_B[0]: ...``).
 
 from __future__ import annotations
 
-import json
-import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tinker_cookbook.exceptions import DataError
 from tinker_cookbook.preference.types import Comparison, LabeledComparison
+from tinker_cookbook.utils.rows import RowBatches, read_jsonl, split_test_rows
 
 FIELDS = ("prompt_conversation", "completion_A", "completion_B", "label")
 
@@ -49,49 +47,22 @@ def _as_messages(value: Any) -> Any:
 
 def load_comparisons_jsonl(path: str | Path) -> list[LabeledComparison]:
     """Every labeled comparison of a JSONL file (blank lines are skipped)."""
-    comparisons = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            comparisons.append(labeled_comparison_from_row(row, f"{path}:{line_no}"))
+    comparisons = [labeled_comparison_from_row(row, where) for row, where in read_jsonl(path)]
     if not comparisons:
         raise DataError(f"{path}: no comparisons")
     return comparisons
 
 
-class ComparisonDataset:
+class ComparisonDataset(RowBatches):
     """Batches of ``batch_size`` labeled comparisons, shuffled per epoch (seeded).
 
     ``rows`` is a list of ``LabeledComparison`` or of raw rows (e.g. a ``datasets.Dataset``),
-    which are checked when their batch is requested. A last partial batch is dropped.
+    which are checked when their batch is requested. A last partial batch is dropped
+    (:class:`~tinker_cookbook.utils.rows.RowBatches`).
     """
 
-    def __init__(self, rows: Sequence[Any], batch_size: int, shuffle: bool = True) -> None:
-        if batch_size < 1 or len(rows) < batch_size:
-            raise DataError(f"batch_size: expected between 1 and the number of rows ({len(rows)}), got {batch_size}")
-        self.rows = rows
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.order = list(range(len(rows)))
-        self.set_epoch(0)
-
-    def set_epoch(self, seed: int = 0) -> None:
-        self.order = list(range(len(self.rows)))
-        if self.shuffle:
-            random.Random(seed).shuffle(self.order)
-
-    def __len__(self) -> int:
-        """The number of batches in one epoch."""
-        return len(self.rows) // self.batch_size
-
     def get_batch(self, index: int) -> list[LabeledComparison]:
-        ids = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        return [labeled_comparison_from_row(self.rows[i], f"row {i}") for i in ids]
+        return [labeled_comparison_from_row(self.rows[i], f"row {i}") for i in self.batch_indices(index)]
 
 
 class ComparisonDatasetBuilder(Protocol):
@@ -137,12 +108,8 @@ class HFComparisonBuilder:
 
 def split_rows(rows: Any, batch_size: int, test_size: int) -> tuple[ComparisonDataset, ComparisonDataset | None]:
     """The first ``test_size`` rows as a test set (one unshuffled batch), the rest for training."""
-    n = len(rows)
-    if not 0 <= test_size < n:
-        raise DataError(f"test_size: expected in [0, {n}) for {n} rows, got {test_size}")
-    train_rows = rows.select(range(test_size, n)) if hasattr(rows, "select") else rows[test_size:]
+    train_rows, test_rows = split_test_rows(rows, test_size)
     train = ComparisonDataset(train_rows, batch_size)
-    if test_size == 0:
+    if test_rows is None:
         return train, None
-    test_rows = rows.select(range(test_size)) if hasattr(rows, "select") else rows[:test_size]
     return train, ComparisonDataset(test_rows, test_size, shuffle=False)

@@ -40,17 +40,11 @@ from tinker.training_client import CustomLossFn
 from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.preference.datasets import ComparisonDatasetBuilder
 from tinker_cookbook.preference.types import LabeledComparison
-from tinker_cookbook.renderers import (
-    Message,
-    Renderer,
-    TrainOnWhat,
-    get_recommended_renderer_name,
-    get_renderer,
-)
+from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat
 from tinker_cookbook.supervised.data import conversation_to_datum
+from tinker_cookbook.training_run import TrainingRun, count_steps, start_training_run
 from tinker_cookbook.utils.lr_scheduling import LRSchedule, lr_multiplier
 from tinker_cookbook.utils.misc import progress
-from tinker_cookbook.utils.ml_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -228,21 +222,12 @@ async def evaluate_dpo(
 
 async def main(config: Config) -> None:
     """Train until the dataset's epochs or ``max_steps`` run out, logging to ``config.log_path``."""
-    service = tinker.ServiceClient(base_url=config.base_url)
-    training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
-    )
-    await training_client
-    ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)
-    renderer = get_renderer(
-        config.renderer_name or get_recommended_renderer_name(config.model_name), training_client.get_tokenizer()
-    )
+    run = await start_training_run(config)
+    training_client, start_step, ml_logger = run.training_client, run.start_step, run.ml_logger
     train_data, test_data = config.dataset_builder()
-    scorer = _Scorer(renderer, await get_reference_client(training_client, config.log_path), config.max_length)
+    scorer = _Scorer(run.renderer, await get_reference_client(training_client, config.log_path), config.max_length)
     test_comparisons = test_data.get_batch(0) if test_data is not None else []
-    total_steps = len(train_data) * config.num_epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = count_steps(len(train_data), config.num_epochs, config.max_steps)
     if start_step:
         logger.info("resuming at step %d of %d", start_step, total_steps)
 
@@ -275,31 +260,22 @@ async def main(config: Config) -> None:
         batch = await next_batch
         ref_wait = time.perf_counter() - wait_start
         next_batch = start_batch(step + 1) if step + 1 < total_steps else None  # overlaps this step
-        pending.append(_submit(training_client, batch, step, step // len(train_data), total_steps, config))
+        pending.append(_submit(run, batch, step, step // len(train_data), total_steps))
         pending[-1].metrics.update(eval_metrics, **{"time/ref_wait": ref_wait})
         while len(pending) > config.submit_ahead:
             await finish_oldest()
-        if config.save_every > 0 and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            await checkpoint_utils.save_checkpoint(training_client, f"{step + 1:06d}", config.log_path, step + 1)
+        await run.maybe_save(step + 1, total_steps)
     while pending:
         await finish_oldest()
-    if total_steps > start_step:
-        if test_comparisons:
-            ml_logger.log_metrics(
-                await evaluate_dpo(training_client, scorer, test_comparisons, config.beta), step=total_steps
-            )
-        await checkpoint_utils.save_checkpoint(
-            training_client, "final", config.log_path, total_steps, kind="both", final=True
-        )
-    ml_logger.close()
+    if total_steps > start_step and test_comparisons:
+        ml_logger.log_metrics(await evaluate_dpo(training_client, scorer, test_comparisons, config.beta), step=total_steps)
+    await run.finish(total_steps)
 
 
-def _submit(
-    training_client: tinker.TrainingClient, batch: _Batch, step: int, epoch: int, total_steps: int, config: Config
-) -> _Submitted:
+def _submit(run: TrainingRun[Config], batch: _Batch, step: int, epoch: int, total_steps: int) -> _Submitted:
     """Submit the step's forward_backward_custom and optim_step without waiting for either."""
+    config = run.config
     lr = config.learning_rate * lr_multiplier(config.lr_schedule, step, total_steps)
-    adam = tinker.AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
     metrics = {
         "epoch": epoch,
         "learning_rate": lr,
@@ -307,8 +283,8 @@ def _submit(
         "num_tokens": sum(d.model_input.length for d in batch.data_D),
         "progress": (step + 1) / total_steps,
     }
-    fwd_bwd = training_client.forward_backward_custom(batch.data_D, make_dpo_loss_fn(batch.ref_D, config.beta))
-    optim = training_client.optim_step(adam)
+    fwd_bwd = run.training_client.forward_backward_custom(batch.data_D, make_dpo_loss_fn(batch.ref_D, config.beta))
+    optim = run.training_client.optim_step(run.adam(lr))
     return _Submitted(step, fwd_bwd, optim, metrics)
 
 

@@ -31,11 +31,9 @@ from typing import Any
 import numpy as np
 
 import tinker
-from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.completers import TinkerTokenCompleter
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
 from tinker_cookbook.exceptions import ConfigurationError
-from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
 from tinker_cookbook.rl.data_processing import (
     assemble_training_data,
     compute_advantages,
@@ -49,8 +47,8 @@ from tinker_cookbook.rl.metrics import (
 )
 from tinker_cookbook.rl.rollouts import do_group_rollout
 from tinker_cookbook.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder, TrajectoryGroup
+from tinker_cookbook.training_run import TrainingRun, count_steps, start_training_run
 from tinker_cookbook.utils.misc import progress
-from tinker_cookbook.utils.ml_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -101,22 +99,20 @@ class Config:
 class _Trainer:
     """What every mode shares: the clients, the dataset and the per-step bookkeeping."""
 
-    def __init__(self, config: Config, training_client: tinker.TrainingClient, dataset: RLDataset,
-                 evaluators: list[SamplingClientEvaluator], reference: tinker.SamplingClient | None,
-                 ml_logger: MetricsLogger) -> None:
-        self.config = config
-        self.training_client = training_client
+    def __init__(self, run: TrainingRun[Config], dataset: RLDataset, evaluators: list[SamplingClientEvaluator],
+                 reference: tinker.SamplingClient | None) -> None:
+        self.run = run
+        self.config = run.config
+        self.training_client = run.training_client
         self.dataset = dataset
         self.evaluators = evaluators
         self.reference = reference
-        self.ml_logger = ml_logger
 
     def policy(self, sampler: tinker.SamplingClient) -> TinkerTokenCompleter:
         return TinkerTokenCompleter(sampler, self.config.max_tokens, self.config.temperature)
 
     def adam(self) -> tinker.AdamParams:
-        c = self.config
-        return tinker.AdamParams(learning_rate=c.learning_rate, beta1=c.adam_beta1, beta2=c.adam_beta2, eps=c.adam_eps)
+        return self.run.adam(self.config.learning_rate)
 
     async def prepare(self, groups_P: list[TrajectoryGroup]) -> tuple[list[tinker.Datum], list[np.ndarray], dict[str, float]]:
         """Advantages, datums and (with a KL penalty) the penalised advantages of some groups."""
@@ -159,47 +155,33 @@ class _Trainer:
         every = self.config.eval_every
         return bool(self.evaluators) and every > 0 and step % every == 0 and step < total
 
-    async def maybe_save(self, step_done: int, total: int) -> None:
-        """After ``step_done`` optimizer steps: a periodic checkpoint (the final one is separate)."""
-        if self.config.save_every > 0 and step_done % self.config.save_every == 0 and step_done < total:
-            await checkpoint_utils.save_checkpoint(self.training_client, f"{step_done:06d}", self.config.log_path, step_done)
-
     def log(self, step: int, groups_P: list[TrajectoryGroup], metrics: dict[str, float]) -> None:
-        self.ml_logger.log_metrics({**compute_trajectory_metrics(groups_P), **metrics}, step=step)
+        self.run.ml_logger.log_metrics({**compute_trajectory_metrics(groups_P), **metrics}, step=step)
 
 
 async def main(config: Config) -> None:
     """Train for ``max_steps`` (or one pass over the dataset), logging to ``config.log_path``."""
     if config.stream_minibatch is not None and config.async_config is not None:
         raise ConfigurationError("stream_minibatch, async_config: pick one mode, got both")
-    service = tinker.ServiceClient(base_url=config.base_url)
-    training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
-    )
-    await training_client
-    ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)
-    renderer = get_renderer(
-        config.renderer_name or get_recommended_renderer_name(config.model_name), training_client.get_tokenizer()
-    )
-    dataset, test_dataset = config.dataset_builder(renderer)
+    run = await start_training_run(config)
+    dataset, test_dataset = config.dataset_builder(run.renderer)
     evaluators = list(config.evaluators)
     if test_dataset is not None:
         evaluators.append(RLTestSetEvaluator(test_dataset, config.max_tokens))
-    total = len(dataset) if config.max_steps is None else min(config.max_steps, len(dataset))
+    total = count_steps(len(dataset), max_steps=config.max_steps)
     reference = None
     if config.kl_penalty_coef:
-        reference = service.create_sampling_client(base_model=config.kl_reference_model or config.model_name)
-    trainer = _Trainer(config, training_client, dataset, evaluators, reference, ml_logger)
+        reference = run.service.create_sampling_client(base_model=config.kl_reference_model or config.model_name)
+    trainer = _Trainer(run, dataset, evaluators, reference)
     if config.async_config is not None:
-        await _run_async(trainer, start_step, total, config.async_config)
+        await _run_async(trainer, run.start_step, total, config.async_config)
     else:
-        await _run_on_policy(trainer, start_step, total)
-    if total > start_step:
-        final_sampler = training_client.save_weights_and_get_sampling_client()
+        await _run_on_policy(trainer, run.start_step, total)
+    if total > run.start_step:
+        final_sampler = run.training_client.save_weights_and_get_sampling_client()
         if evaluators:
-            ml_logger.log_metrics(await trainer.evaluate(final_sampler), step=total)
-        await checkpoint_utils.save_checkpoint(training_client, "final", config.log_path, total, kind="both", final=True)
-    ml_logger.close()
+            run.ml_logger.log_metrics(await trainer.evaluate(final_sampler), step=total)
+    await run.finish(total)
 
 
 async def _run_on_policy(trainer: _Trainer, start_step: int, total: int) -> None:
@@ -223,7 +205,7 @@ async def _run_on_policy(trainer: _Trainer, start_step: int, total: int) -> None
             metrics["time/train"] = time.perf_counter() - t_train
         else:
             groups_P = await _stream_step(trainer, builders, sampler, step, stream.num_minibatches, metrics)
-        await trainer.maybe_save(step + 1, total)
+        await trainer.run.maybe_save(step + 1, total)
         metrics["time/step"] = time.perf_counter() - t0
         trainer.log(step, list(groups_P), metrics)
 
@@ -327,7 +309,7 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
             async with changed:
                 state.step, state.sampler = step + 1, new_sampler
                 changed.notify_all()
-            await trainer.maybe_save(step + 1, total)
+            await trainer.run.maybe_save(step + 1, total)
             metrics["async/dropped_stale"] = float(dropped)
             metrics["async/mean_staleness"] = float(np.mean([step - g.sampler_step for g in groups_P]))
             metrics["time/step"] = time.perf_counter() - t0

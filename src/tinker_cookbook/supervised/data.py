@@ -6,8 +6,6 @@ token (``target_tokens``) and its weight (``weights``); see :func:`datum_from_to
 
 from __future__ import annotations
 
-import json
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from typing import Any, Protocol
 import tinker
 from tinker_cookbook.exceptions import DataError
 from tinker_cookbook.renderers import Message, Renderer, TrainOnWhat
+from tinker_cookbook.utils.rows import RowBatches, read_jsonl, split_test_rows
 
 
 def datum_from_tokens_weights(tokens: Sequence[int], weights: Sequence[float], max_length: int | None = None) -> tinker.Datum:
@@ -58,17 +57,7 @@ def check_conversation(row: Any, where: str) -> list[Message]:
 
 def load_conversations_jsonl(path: str | Path) -> list[list[Message]]:
     """Conversations from a JSONL file with one ``{"messages": [{"role", "content"}, ...]}`` per line."""
-    conversations = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            conversations.append(check_conversation(row, f"{path}:{line_no}"))
-    return conversations
+    return [check_conversation(row, where) for row, where in read_jsonl(path)]
 
 
 class SupervisedDataset(ABC):
@@ -85,12 +74,13 @@ class SupervisedDataset(ABC):
         """Prepare epoch ``seed`` (e.g. a new shuffle)."""
 
 
-class ConversationDataset(SupervisedDataset):
+class ConversationDataset(RowBatches, SupervisedDataset):
     """Conversations rendered into batches of ``batch_size`` datums.
 
     ``rows`` is any sequence of ``{"messages": [...]}`` rows: a list, or a Hugging Face
     ``datasets.Dataset``. Rows are checked and rendered when their batch is requested; the
-    order is shuffled per epoch (seeded), and a last partial batch is dropped.
+    order is shuffled per epoch (seeded), and a last partial batch is dropped
+    (:class:`~tinker_cookbook.utils.rows.RowBatches`).
     """
 
     def __init__(
@@ -102,32 +92,17 @@ class ConversationDataset(SupervisedDataset):
         train_on_what: TrainOnWhat = TrainOnWhat.ALL_ASSISTANT_MESSAGES,
         shuffle: bool = True,
     ) -> None:
-        if batch_size < 1 or len(rows) < batch_size:
-            raise DataError(f"batch_size: expected between 1 and the number of rows ({len(rows)}), got {batch_size}")
-        self.rows = rows
+        super().__init__(rows, batch_size, shuffle)
         self.renderer = renderer
-        self.batch_size = batch_size
         self.max_length = max_length
         self.train_on_what = train_on_what
-        self.shuffle = shuffle
-        self.order = list(range(len(rows)))
-        self.set_epoch(0)
-
-    def set_epoch(self, seed: int = 0) -> None:
-        self.order = list(range(len(self.rows)))
-        if self.shuffle:
-            random.Random(seed).shuffle(self.order)
-
-    def __len__(self) -> int:
-        return len(self.rows) // self.batch_size
 
     def get_batch(self, index: int) -> list[tinker.Datum]:
-        ids = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         return [
             conversation_to_datum(
                 check_conversation(self.rows[i], f"row {i}"), self.renderer, self.max_length, self.train_on_what
             )
-            for i in ids
+            for i in self.batch_indices(index)
         ]
 
 
@@ -179,12 +154,8 @@ def split_rows(
     rows: Any, renderer: Renderer, batch_size: int, max_length: int | None, test_size: int, train_on_what: TrainOnWhat
 ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
     """The first ``test_size`` rows as a test set (one batch, unshuffled), the rest for training."""
-    n = len(rows)
-    if not 0 <= test_size < n:
-        raise DataError(f"test_size: expected in [0, {n}) for {n} rows, got {test_size}")
-    train_rows = rows.select(range(test_size, n)) if hasattr(rows, "select") else rows[test_size:]
+    train_rows, test_rows = split_test_rows(rows, test_size)
     train = ConversationDataset(train_rows, renderer, batch_size, max_length, train_on_what)
-    if test_size == 0:
+    if test_rows is None:
         return train, None
-    test_rows = rows.select(range(test_size)) if hasattr(rows, "select") else rows[:test_size]
     return train, ConversationDataset(test_rows, renderer, test_size, max_length, train_on_what, shuffle=False)

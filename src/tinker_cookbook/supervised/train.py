@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tinker
-from tinker_cookbook import checkpoint_utils
 from tinker_cookbook.eval.evaluators import NLLEvaluator, TrainingClientEvaluator, compute_mean_nll
-from tinker_cookbook.renderers import get_recommended_renderer_name, get_renderer
 from tinker_cookbook.supervised.data import SupervisedDataset, SupervisedDatasetBuilder
+from tinker_cookbook.training_run import TrainingRun, count_steps, start_training_run
 from tinker_cookbook.utils.lr_scheduling import LRSchedule, lr_multiplier
 from tinker_cookbook.utils.misc import progress
-from tinker_cookbook.utils.ml_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +64,13 @@ class _Submitted:
 
 async def main(config: Config) -> None:
     """Train until the dataset's epochs or ``max_steps`` run out, logging to ``config.log_path``."""
-    service = tinker.ServiceClient(base_url=config.base_url)
-    training_client, start_step = checkpoint_utils.create_training_client(
-        service, config.log_path, config.model_name, config.lora_rank, config.load_checkpoint_path, config.seed
-    )
-    await training_client
-    ml_logger = MetricsLogger(config.log_path, config, resume_step=start_step, wandb_project=config.wandb_project)
-    renderer = get_renderer(
-        config.renderer_name or get_recommended_renderer_name(config.model_name), training_client.get_tokenizer()
-    )
-    train_data, test_data = config.dataset_builder(renderer)
+    run = await start_training_run(config)
+    training_client, start_step, ml_logger = run.training_client, run.start_step, run.ml_logger
+    train_data, test_data = config.dataset_builder(run.renderer)
     evaluators = list(config.evaluators)
     if test_data is not None:
         evaluators.append(NLLEvaluator([d for i in range(len(test_data)) for d in test_data.get_batch(i)]))
-    total_steps = len(train_data) * config.num_epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = count_steps(len(train_data), config.num_epochs, config.max_steps)
     if start_step:
         logger.info("resuming at step %d of %d", start_step, total_steps)
 
@@ -108,33 +97,26 @@ async def main(config: Config) -> None:
                 await finish_oldest()
             eval_metrics = await evaluate()  # the weights before this step, like train_mean_nll
             last_done = time.perf_counter()  # time/step leaves the evaluation out
-        pending.append(_submit(training_client, train_data, step, total_steps, config))
+        pending.append(_submit(run, train_data, step, total_steps))
         pending[-1].metrics.update(eval_metrics)
         while len(pending) > config.submit_ahead:
             await finish_oldest()
-        if config.save_every > 0 and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            await checkpoint_utils.save_checkpoint(training_client, f"{step + 1:06d}", config.log_path, step + 1)
+        await run.maybe_save(step + 1, total_steps)
     while pending:
         await finish_oldest()
-    if total_steps > start_step:
-        if evaluators:
-            ml_logger.log_metrics(await evaluate(), step=total_steps)
-        await checkpoint_utils.save_checkpoint(
-            training_client, "final", config.log_path, total_steps, kind="both", final=True
-        )
-    ml_logger.close()
+    if total_steps > start_step and evaluators:
+        ml_logger.log_metrics(await evaluate(), step=total_steps)
+    await run.finish(total_steps)
 
 
-def _submit(
-    training_client: tinker.TrainingClient, dataset: SupervisedDataset, step: int, total_steps: int, config: Config
-) -> _Submitted:
+def _submit(run: TrainingRun[Config], dataset: SupervisedDataset, step: int, total_steps: int) -> _Submitted:
     """Submit the step's forward_backward and optim_step without waiting for either."""
+    config = run.config
     epoch, index = divmod(step, len(dataset))
     if index == 0:
         dataset.set_epoch(epoch)
     data = dataset.get_batch(index)
     lr = config.learning_rate * lr_multiplier(config.lr_schedule, step, total_steps)
-    adam = tinker.AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps)
     metrics = {
         "epoch": epoch,
         "learning_rate": lr,
@@ -142,8 +124,8 @@ def _submit(
         "num_tokens": sum(d.model_input.length for d in data),
         "progress": (step + 1) / total_steps,
     }
-    fwd_bwd = training_client.forward_backward(data, "cross_entropy")
-    optim = training_client.optim_step(adam)
+    fwd_bwd = run.training_client.forward_backward(data, "cross_entropy")
+    optim = run.training_client.optim_step(run.adam(lr))
     return _Submitted(step, data, fwd_bwd, optim, metrics)
 
 
