@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+import msgspec
+
 import tinker
 from tinker_cookbook.renderers import Message, Renderer
 
@@ -61,13 +63,19 @@ class TinkerTokenCompleter(TokenCompleter):
     """Samples from a ``tinker.SamplingClient`` with ``max_tokens`` and ``temperature``.
 
     Requests with the same prompt and stop condition that arrive in the same event-loop pass
-    are sent as one ``sample`` call with ``num_samples`` equal to their number.
+    are sent as one ``sample`` call with ``num_samples`` equal to their number. With ``seed``,
+    the n-th call sent samples with seed ``seed + n``, so a run that makes the same requests in
+    the same order samples the same tokens.
     """
 
-    def __init__(self, sampling_client: tinker.SamplingClient, max_tokens: int, temperature: float = 1.0) -> None:
+    def __init__(
+        self, sampling_client: tinker.SamplingClient, max_tokens: int, temperature: float = 1.0, seed: int | None = None
+    ) -> None:
         self.sampling_client = sampling_client
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.seed = seed
+        self._calls = 0
         self._open: dict[tuple, _Batch] = {}
         self._in_flight: set[asyncio.Task[tinker.SampleResponse]] = set()  # the loop keeps only weak refs
 
@@ -85,7 +93,11 @@ class TinkerTokenCompleter(TokenCompleter):
 
     def _send(self, key: tuple) -> None:
         batch = self._open.pop(key)
-        response = self.sampling_client.sample(batch.prompt, len(batch.waiters), batch.params)
+        params = batch.params
+        if self.seed is not None:
+            params = msgspec.structs.replace(params, seed=self.seed + self._calls)
+        self._calls += 1
+        response = self.sampling_client.sample(batch.prompt, len(batch.waiters), params)
 
         def deliver(done: asyncio.Task[tinker.SampleResponse]) -> None:
             self._in_flight.discard(done)

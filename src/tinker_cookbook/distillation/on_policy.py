@@ -71,7 +71,7 @@ class Config:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     wandb_project: str | None = None
-    seed: int | None = None  # LoRA initialisation; None: random
+    seed: int | None = None  # LoRA initialisation and sampling seeds; None: random
 
 
 def create_teacher(service: tinker.ServiceClient, teacher_model: str) -> tinker.SamplingClient:
@@ -146,7 +146,8 @@ async def _sample_and_score(
     config: Config, metrics: dict[str, float],
 ) -> tuple[list[tinker.Datum], list[np.ndarray], list[TrajectoryGroup], dict[str, float]]:
     builders = _builders(dataset, index)
-    policy = TinkerTokenCompleter(sampler, config.max_tokens, config.temperature)
+    seed = None if config.seed is None else config.seed * 1_000_003 + index * 1_009  # per step, reproducible
+    policy = TinkerTokenCompleter(sampler, config.max_tokens, config.temperature, seed=seed)
     with timed("sample", metrics):
         groups_P = list(await asyncio.gather(*(do_group_rollout(b, policy, index) for b in builders)))
     with timed("teacher", metrics):
