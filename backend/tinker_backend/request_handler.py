@@ -43,6 +43,7 @@ from tinker_backend.errors import ServiceError, as_service_error
 from tinker_backend.limits import Limits
 from tinker_backend.runs import Runs
 from tinker_backend.samplers import Samplers
+from tinker_backend.state import Shared
 from tinker_backend.store import Store, iso_in
 from tinker_backend.tenancy import KeyLimits, Ledger, RateLimited
 
@@ -85,11 +86,10 @@ class RequestHandler:
         self.store = Store(self.data_dir / "tinker.sqlite3")
         self.ledger = Ledger(key_limits or KeyLimits(), session_timeout_s)
         self.checkpoints = CheckpointIndex(self.store, self.data_dir)
-        self._load_lock = asyncio.Lock()  # one run or sampler loads or unloads at a time
-        self.runs = Runs(self.store, self.ledger, self.engines, self.checkpoints, self.limits, self._load_lock)
-        self.samplers = Samplers(
-            self.store, self.ledger, self.engines, self.checkpoints, self.runs, self.limits, self._load_lock
-        )
+        shared = Shared(self.store, self.ledger, self.engines, self.checkpoints, self.limits)
+        self._load_lock = shared.load_lock  # one run or sampler loads or unloads at a time
+        self.runs = Runs(shared)
+        self.samplers = Samplers(shared, self.runs)
         self._sweeper: asyncio.Task[None] | None = None
         self.checkpoints.recover()
 

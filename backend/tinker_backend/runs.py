@@ -30,14 +30,12 @@ from tinker.types import (
 )
 from tinker.validation import InvalidInput, check_data_for_model, check_forward_backward, check_lora_rank
 from tinker_backend import model_registry
-from tinker_backend.checkpoint_index import CheckpointIndex, as_checkpoint, save_answer
+from tinker_backend.checkpoint_index import as_checkpoint, save_answer
 from tinker_backend.engine.protocol import Engine, FwdBwdItem
-from tinker_backend.engines import EnginePool
 from tinker_backend.errors import ServiceError, as_service_error
-from tinker_backend.limits import Limits
 from tinker_backend.scheduler import ModelScheduler, Work
-from tinker_backend.store import RunRecord, Store, now_iso
-from tinker_backend.tenancy import Ledger
+from tinker_backend.state import Shared
+from tinker_backend.store import RunRecord, now_iso
 
 logger = logging.getLogger("tinker_backend")
 
@@ -48,21 +46,10 @@ WorkBuilder = Callable[[Any, RunRecord, str, ModelScheduler], Awaitable[Work]]
 class Runs:
     """Every training run of the data dir: records in the store, loaded ones in engines."""
 
-    def __init__(
-        self,
-        store: Store,
-        ledger: Ledger,
-        engines: EnginePool,
-        checkpoints: CheckpointIndex,
-        limits: Limits,
-        load_lock: asyncio.Lock,
-    ) -> None:
-        self.store = store
-        self.ledger = ledger
-        self.engines = engines
-        self.checkpoints = checkpoints
-        self.limits = limits
-        self._load_lock = load_lock  # one load, unload or create at a time (shared with samplers)
+    def __init__(self, shared: Shared) -> None:
+        self.store, self.ledger, self.engines = shared.store, shared.ledger, shared.engines
+        self.checkpoints, self.limits = shared.checkpoints, shared.limits
+        self._load_lock = shared.load_lock  # one load, unload or create at a time (with samplers)
         self._loaded: dict[str, RunRecord] = {}  # run id -> record, for runs in an engine
         self._restored_floor: dict[str, int] = {}  # run id -> its seq_ids up to this ran before a reload
 
@@ -196,12 +183,8 @@ class Runs:
         A request ``build`` rejects still takes its place in the order (and answers its error),
         so the requests the client sent after it do not wait forever on a gap.
         """
-        run = self.get(request.model_id, owner)
-        if request.seq_id < 1:
-            raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
-        scheduler = await self.engines.scheduler(run.base_model)
-        await self._ensure_loaded(run, scheduler)
-        if request.seq_id <= self._restored_floor.get(run.run_id, 0):
+        run, scheduler, ran_before_reload = await self._order_of(request, owner)
+        if ran_before_reload:
             return self._answer_from_before_reload(request, run)
         if isinstance(request, wire.SaveState | wire.SaveWeightsForSampler) and request.name is not None:
             self.ledger.check_storage(owner, self.store.storage_bytes(owner))  # 429: not started
@@ -229,13 +212,9 @@ class Runs:
         a call was cancelled). It takes its place in the order without running anything, and is
         recorded when the run reaches it, so a restart cannot skip an earlier request in flight.
         A request that arrives after its release answers 409; one that came first is unaffected."""
-        run = self.get(request.model_id, owner)
-        if request.seq_id < 1:
-            raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
-        scheduler = await self.engines.scheduler(run.base_model)
-        await self._ensure_loaded(run, scheduler)
-        if request.seq_id <= self._restored_floor.get(run.run_id, 0):
-            return wire.Empty()  # answered before a reload
+        run, scheduler, ran_before_reload = await self._order_of(request, owner)
+        if ran_before_reload:
+            return wire.Empty()
         released = ServiceError(409, f"seq_id: {request.seq_id} of run {run.run_id!r} was released by its client")
         try:
             future = scheduler.submit(run.run_id, request.seq_id, _failing(released))
@@ -246,6 +225,16 @@ class Runs:
             await asyncio.shield(future)
         self._answered(run, request.seq_id, mutating=False)
         return wire.Empty()
+
+    async def _order_of(self, request: wire.TrainingRequest, owner: str) -> tuple[RunRecord, ModelScheduler, bool]:
+        """The request's run, loaded, and its scheduler; and whether its ``seq_id`` ran before
+        the run was last reloaded (its answer is gone, but for a save's)."""
+        run = self.get(request.model_id, owner)
+        if request.seq_id < 1:
+            raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
+        scheduler = await self.engines.scheduler(run.base_model)
+        await self._ensure_loaded(run, scheduler)
+        return run, scheduler, request.seq_id <= self._restored_floor.get(run.run_id, 0)
 
     def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
         """Record, before the answer leaves, what a reload must not lose (see the store's doc)."""

@@ -19,15 +19,12 @@ from typing import Any
 from tinker import wire
 from tinker.types import SampleResponse, SaveWeightsForSamplerResponse
 from tinker.validation import check_sample, check_sample_for_model
-from tinker_backend.checkpoint_index import CheckpointIndex
 from tinker_backend.engine.protocol import Engine
-from tinker_backend.engines import EnginePool
 from tinker_backend.errors import ServiceError
-from tinker_backend.limits import Limits
 from tinker_backend.runs import Runs
 from tinker_backend.scheduler import ModelScheduler, Work
-from tinker_backend.store import RunRecord, SamplerRecord, Store, now_iso
-from tinker_backend.tenancy import Ledger
+from tinker_backend.state import Shared
+from tinker_backend.store import RunRecord, SamplerRecord, now_iso
 
 logger = logging.getLogger("tinker_backend")
 
@@ -38,23 +35,11 @@ _SAMPLE_ANSWER_WINDOW = 16384
 class Samplers:
     """Every sampler of the data dir: records in the store, loaded ones in engines."""
 
-    def __init__(
-        self,
-        store: Store,
-        ledger: Ledger,
-        engines: EnginePool,
-        checkpoints: CheckpointIndex,
-        runs: Runs,
-        limits: Limits,
-        load_lock: asyncio.Lock,
-    ) -> None:
-        self.store = store
-        self.ledger = ledger
-        self.engines = engines
-        self.checkpoints = checkpoints
+    def __init__(self, shared: Shared, runs: Runs) -> None:
+        self.store, self.ledger, self.engines = shared.store, shared.ledger, shared.engines
+        self.checkpoints, self.limits = shared.checkpoints, shared.limits
+        self._load_lock = shared.load_lock
         self.runs = runs
-        self.limits = limits
-        self._load_lock = load_lock
         self._loaded: set[str] = set()  # sampler ids with an adapter in an engine
         self._by_session: dict[str, set[str]] = {}  # session id -> its loaded sampler ids
         self._snapshots: dict[str, list[str]] = {}  # run id -> its loaded snapshots, oldest first

@@ -102,6 +102,20 @@ class ServiceClient:
         """The models this backend can train and sample."""
         return self.holder.submit(self.holder.call(wire.GetServerCapabilities()))
 
+    def get_tokenizer(self, base_model: str) -> Any:
+        """``base_model``'s tokenizer (a ``transformers`` tokenizer), from the files its backend
+        sends, so that it works offline for any model the backend serves (blocks)."""
+        return self.holder.get_tokenizer(base_model)
+
+    def get_base_model_files(self, base_model: str) -> APIFuture[dict[str, bytes]]:
+        """``base_model``'s tokenizer files and ``config.json``, by file name, from its backend."""
+
+        async def run() -> dict[str, bytes]:
+            reply = await self.holder.call(wire.GetTokenizer(base_model=base_model))
+            return dict(reply.files)
+
+        return self.holder.submit(run())
+
     def create_rest_client(self) -> Any:
         from tinker.rest_client import RestClient
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import tinker
-from tinker import wire
 from tinker_cookbook.exceptions import ConfigurationError
 
 
@@ -56,7 +55,7 @@ def files_from_backend(model_name: str) -> dict[str, bytes]:
     """The model's tokenizer files and ``config.json``, by file name, from the tinker backend."""
     with _service_client() as service:
         try:
-            return service.holder.submit(service.holder.call(wire.GetTokenizer(base_model=model_name))).result().files
+            return service.get_base_model_files(model_name).result()
         except (tinker.NotFoundError, tinker.BadRequestError) as e:
             raise _unknown(model_name, e) from e
 
@@ -65,7 +64,7 @@ def tokenizer_from_backend(model_name: str) -> Any:
     """The model's tokenizer, rebuilt from the files the tinker backend sends (cached on disk)."""
     with _service_client() as service:
         try:
-            return service.holder.get_tokenizer(model_name)
+            return service.get_tokenizer(model_name)
         except (tinker.NotFoundError, tinker.BadRequestError) as e:
             raise _unknown(model_name, e) from e
 
