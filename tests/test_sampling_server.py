@@ -79,7 +79,15 @@ def _memorise(tc: tinker.TrainingClient, full: list[int], steps: int = 40) -> ti
     return last
 
 
-@pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.vllm)])
+# pytest-timeout counts this module fixture's set-up (a server, 80 training steps; vLLM's start
+# adds a minute or two) against the first test that uses it, hence the per-sampler timeouts.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("torch", marks=pytest.mark.timeout(180)),
+        pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.timeout(600)]),
+    ],
+)
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     kind = request.param
     server = _sampler_server(kind, tmp_path_factory.mktemp(f"sampling-{kind}"))

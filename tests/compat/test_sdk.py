@@ -295,7 +295,7 @@ def test_bad_input_is_refused_naming_the_field(service: tinker.ServiceClient) ->
     ) as failed:
         tc.forward_backward([out_of_vocab], "cross_entropy").result()
     assert failed.value.category == types.RequestErrorCategory.User
-    with pytest.raises(tinker.RequestFailedError, match=r"loss_fn_inputs\['logprobs'\]: required by 'ppo'"):
+    with pytest.raises(tinker.RequestFailedError, match=r"loss_fn_inputs\['logprobs'\]: expected a tensor \(required by 'ppo'\)"):
         tc.forward_backward([datum], "ppo").result()
 
     image = types.Datum(
