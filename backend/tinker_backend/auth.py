@@ -137,10 +137,10 @@ def authenticate(request: web.Request) -> str:
     else:
         key = request_key(request)
         if key is None:
-            raise _unauthorized("X-API-Key: expected an API key, got none")
+            raise _unauthorized(request, "expected an API key, got none")
         found = keyring.owner(key)
         if found is None:
-            raise _unauthorized(f"X-API-Key: expected a valid API key, got an unknown or revoked key {key[:8]!r}...")
+            raise _unauthorized(request, f"expected a valid API key, got an unknown or revoked key {key[:8]!r}...")
         owner = found
     request[_OWNER] = owner
     return owner
@@ -165,9 +165,18 @@ async def auth_middleware(
     return await handler(request)
 
 
-def _unauthorized(message: str) -> web.HTTPUnauthorized:
+def _unauthorized(request: web.Request, problem: str) -> web.HTTPUnauthorized:
+    """A 401 naming the header: ``X-API-Key``, or ``Authorization`` (Bearer) with an OpenAI-shaped
+    body on the OpenAI-compatible routes (``/v1/...``)."""
+    body: dict[str, object]
+    if request.path.startswith("/v1/"):
+        error = {"message": f"Authorization: {problem}", "type": "invalid_request_error", "param": None}
+        body = {"error": {**error, "code": "invalid_api_key"}}
+        challenge = "Bearer"
+    else:
+        body, challenge = {"error": f"X-API-Key: {problem}", "category": "user"}, 'ApiKey header="X-API-Key"'
     return web.HTTPUnauthorized(
-        text=web.json_response({"error": message, "category": "user"}).text,
+        text=web.json_response(body).text,
         content_type="application/json",
-        headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+        headers={"WWW-Authenticate": challenge},
     )
