@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import wire
-from tinker_backend import auth
+from tinker_backend import auth, files_api
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
 from tinker_backend.request_handler import RequestHandler
@@ -130,4 +130,5 @@ def make_app(
     app.router.add_get("/api/v1/healthz", healthz)
     app.router.add_get("/native/v1/ws", native_ws)
     add_tinker_http_routes(app, BACKEND_KEY)
+    files_api.add_routes(app, BACKEND_KEY)
     return app
