@@ -6,6 +6,7 @@ Also the embedded backend's download, and the native routes of what the official
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import urllib.error
 import urllib.parse
@@ -13,13 +14,17 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from conftest import ServerProcess
 from native_wire import DATA, TINY
 
 import tinker
 from tinker.types import ModelInput, SamplingParams
+from tinker_backend.checkpoint_index import CheckpointIndex
+from tinker_backend.errors import ServiceError
 from tinker_backend.files_api import UrlSigner
+from tinker_backend.store import Store, iso_in, now_iso
 
 KEYS = {"ann": "tml-ann-" + "a" * 24, "ben": "tml-ben-" + "b" * 24}
 PROMPT = ModelInput.from_ints([1, 2, 3])
@@ -228,3 +233,34 @@ async def test_the_embedded_backend_serves_the_same_rest_client(tmp_path):
         assert all(url.startswith("/api/v1/checkpoint_file?") for url in urls.values())  # no HTTP server here
     finally:
         await service.close()
+
+
+def test_an_older_store_gains_the_published_column_and_expiry_reads_as_gone(tmp_path):
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old.execute(
+        "CREATE TABLE checkpoints (run_id TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,"
+        " directory TEXT NOT NULL, created_at TEXT NOT NULL, size_bytes INTEGER NOT NULL, expires_at TEXT,"
+        " PRIMARY KEY (run_id, kind, name))"
+    )
+    old.execute("INSERT INTO checkpoints VALUES ('r', 'weights', 'a', 'ann', 'd', ?, 1, NULL)", (now_iso(),))
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "old.sqlite3")
+    assert store.get_checkpoint("r", "weights", "a").published is False
+    index = CheckpointIndex(store, tmp_path)
+    with pytest.raises(ServiceError, match="path: unknown checkpoint") as hidden:
+        index.lookup("tinker://r/weights/a", "ben")
+    assert hidden.value.status == 404
+    index.set_published("tinker://r/weights/a", "ann", True)
+    assert index.lookup("tinker://r/weights/a", "ben").published
+    with pytest.raises(ServiceError):
+        index.set_published("tinker://r/weights/a", "ben", False)  # reading is shared, changing is not
+
+    record = store.get_checkpoint("r", "weights", "a")
+    store.put_checkpoint(msgspec.structs.replace(record, expires_at=iso_in(-1)))
+    with pytest.raises(ServiceError, match="has expired") as expired:
+        index.check_still_readable("tinker://r/weights/a", "ben", "sampling_session_id: sampler 's'")
+    assert expired.value.status == 410
+    index.close()
+    store.close()
+
