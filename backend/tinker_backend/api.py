@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import wire
-from tinker_backend import auth, openai_api
+from tinker_backend import auth, files_api, openai_api
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
 from tinker_backend.request_handler import RequestHandler
@@ -131,4 +131,5 @@ def make_app(
     app.router.add_get("/native/v1/ws", native_ws)
     add_tinker_http_routes(app, BACKEND_KEY)
     openai_api.add_routes(app, BACKEND_KEY)  # /v1/models, /v1/completions, /v1/chat/completions
+    files_api.add_routes(app, BACKEND_KEY)  # signed checkpoint-file downloads
     return app

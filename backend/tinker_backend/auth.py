@@ -49,7 +49,8 @@ logger = logging.getLogger("tinker_backend.auth")
 
 LOCAL_OWNER = "local"
 KEY_PREFIX = "tml-"  # the official SDK refuses keys without it
-PUBLIC_PATHS = frozenset({"/api/v1/healthz"})
+# The signed checkpoint-file URLs carry their permission in their signature (files_api).
+PUBLIC_PATHS = frozenset({"/api/v1/healthz", "/api/v1/checkpoint_file"})
 _OWNER = "tinker_owner"  # where authenticate() caches the owner on the request
 
 

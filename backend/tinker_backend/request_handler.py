@@ -32,6 +32,8 @@ from tinker.types import (
     CheckpointsListResponse,
     Cursor,
     GetServerCapabilitiesResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
     LoraConfig,
     TrainingRunsResponse,
     WeightsInfoResponse,
@@ -43,8 +45,9 @@ from tinker_backend.errors import ServiceError, as_service_error
 from tinker_backend.limits import Limits
 from tinker_backend.runs import Runs
 from tinker_backend.samplers import Samplers
+from tinker_backend.scheduler import ModelScheduler, Work
 from tinker_backend.state import Shared
-from tinker_backend.store import Store, iso_in
+from tinker_backend.store import RunRecord, Store, iso_in
 from tinker_backend.tenancy import KeyLimits, Ledger, RateLimited
 
 logger = logging.getLogger("tinker_backend")
@@ -198,8 +201,10 @@ class RequestHandler:
                 return await self._dispatch_rest(request, owner)
 
     async def _dispatch_rest(self, request: wire.Request, owner: str) -> Any:
-        """The REST-style requests: runs and checkpoints as records."""
+        """The REST-style requests: runs, checkpoints and sessions as records."""
         match request:
+            case wire.SaveWeightsExternal():
+                return await self.runs.run_ordered(request, owner, self._external_work)
             case wire.ListTrainingRuns():
                 runs, total = self.store.list_runs(owner, request.limit, request.offset)
                 return TrainingRunsResponse(
@@ -219,12 +224,29 @@ class RequestHandler:
                     checkpoints=[as_checkpoint(c) for c in records],
                     cursor=Cursor(offset=request.offset, limit=request.limit, total_count=total),
                 )
+            case wire.ListSessions():
+                return ListSessionsResponse(sessions=self.store.list_sessions(owner, request.limit, request.offset))
+            case wire.GetSession():
+                return self._session(request.session_id, owner)
+        return await self._checkpoint_request(request, owner)
+
+    async def _checkpoint_request(self, request: wire.Request, owner: str) -> Any:
+        """Requests on one checkpoint, named by its ``tinker://`` path."""
+        match request:
             case wire.DeleteCheckpoint():
                 await self.checkpoints.delete(request.tinker_path, owner)
                 return wire.Empty()
+            case wire.SetCheckpointTtl():
+                self.checkpoints.set_ttl(request.tinker_path, owner, request.ttl_seconds)
+                return wire.Empty()
+            case wire.PublishCheckpoint():
+                self.checkpoints.set_published(request.tinker_path, owner, request.published)
+                return wire.Empty()
             case wire.GetWeightsInfo():
                 record = self.checkpoints.lookup(request.tinker_path, owner)
-                run = self.runs.get(record.run_id, owner)
+                run = self.store.get_run(record.run_id)
+                if run is None:
+                    raise ServiceError(404, f"tinker_path: the training run of {request.tinker_path!r} is gone")
                 config = LoraConfig(**run.lora_config)
                 return WeightsInfoResponse(
                     base_model=run.base_model,
@@ -233,10 +255,28 @@ class RequestHandler:
                     train_attn=config.train_attn,
                     train_unembed=config.train_unembed,
                 )
-            case wire.SetCheckpointTtl():
-                self.checkpoints.set_ttl(request.tinker_path, owner, request.ttl_seconds)
-                return wire.Empty()
+            case wire.GetExternalWeightsUrls():
+                record = self.checkpoints.lookup(request.tinker_path, owner)
+                return self.checkpoints.signed_urls(record, request.base_url)
+            case wire.DownloadCheckpoint():
+                record = self.checkpoints.lookup(request.tinker_path, owner)
+                return wire.CheckpointFiles(files=await asyncio.to_thread(self.checkpoints.read_files, record))
         raise ServiceError(400, f"request: unsupported type {type(request).__name__}")
+
+    async def _external_work(
+        self, request: wire.SaveWeightsExternal, run: RunRecord, owner: str, scheduler: ModelScheduler
+    ) -> Work:
+        """The ``WorkBuilder`` of ``save_weights_external``: an ``external_weights`` checkpoint."""
+        return self.checkpoints.save_work(run, "external_weights", request.name, request.ttl_seconds, request.seq_id)
+
+    def _session(self, session_id: str, owner: str) -> GetSessionResponse:
+        session = self.store.get_session(session_id)
+        if session is None or session.owner != owner:
+            raise ServiceError(404, f"session_id: unknown session {session_id!r}")
+        run_ids, sampler_ids = self.store.session_members(session_id)
+        return GetSessionResponse(
+            training_run_ids=run_ids, sampler_ids=sampler_ids, user_metadata=session.user_metadata or None
+        )
 
     def _touch_session(self, session_id: str, owner: str) -> None:
         """Check that ``session_id`` is the owner's, and count this request as its activity."""

@@ -124,8 +124,8 @@ class Runs:
         return wire.ModelCreated(model_id=run_id, info=self.info(record))
 
     async def create_from_state(self, request: wire.CreateModelFromState, owner: str) -> wire.ModelCreated:
-        source = self.checkpoints.lookup(request.path, owner, kind="weights")
-        base_model = self.get(source.run_id, owner).base_model
+        source = self.checkpoints.lookup(request.path, owner, kind="weights")  # the owner's or a published one
+        base_model = self.checkpoints.base_model(source)
         run_id = f"{request.session_id}:train:{request.model_seq_id}"
         async with self._load_lock:
             existing = self.store.get_run(run_id)

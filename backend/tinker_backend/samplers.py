@@ -64,8 +64,8 @@ class Samplers:
         if existing is not None:
             return wire.SamplingSessionCreated(sampler_id, existing.base_model, existing.model_path)
         if request.model_path is not None:
-            source = self.checkpoints.lookup(request.model_path, owner)
-            base_model = self.runs.get(source.run_id, owner).base_model
+            source = self.checkpoints.lookup(request.model_path, owner)  # the owner's or a published one
+            base_model = self.checkpoints.base_model(source)
             directory = self.checkpoints.directory(source)
             try:
                 await (await self.engines.scheduler(base_model)).compute(lambda e: e.load_sampler(sampler_id, directory))
@@ -148,6 +148,9 @@ class Samplers:
         key = (request.sampling_session_id, request.seq_id)
         if key in self._answers:
             return await asyncio.shield(self._answers[key])
+        if (sampler.model_path or "").startswith("tinker://"):  # its checkpoint still readable, or 410
+            what = f"sampling_session_id: sampler {sampler.sampler_id!r}"
+            self.checkpoints.check_still_readable(sampler.model_path or "", owner, what)
         prompt = request.prompt.to_ints()
         check_sample(len(prompt), request.num_samples, request.topk_prompt_logprobs)
         adapter = None if sampler.model_path is None else sampler.sampler_id

@@ -88,7 +88,7 @@ _ADDED_COLUMNS = {
         "origin_path": "TEXT",
         "origin_with_optimizer": "INTEGER NOT NULL DEFAULT 0",
     },
-    "checkpoints": {"seq_id": "INTEGER NOT NULL DEFAULT 0"},
+    "checkpoints": {"seq_id": "INTEGER NOT NULL DEFAULT 0", "published": "INTEGER NOT NULL DEFAULT 0"},
 }
 
 
@@ -126,10 +126,18 @@ class CheckpointRecord(msgspec.Struct):
     size_bytes: int
     expires_at: str | None
     seq_id: int = 0  # the seq_id of the save that wrote it
+    published: bool = False  # any API key may load or sample it (only the owner may change it)
 
     @property
     def tinker_path(self) -> str:
         return f"tinker://{self.run_id}/{self.kind}/{self.name}"
+
+
+class SessionRecord(msgspec.Struct):
+    session_id: str
+    owner: str
+    created_at: str
+    user_metadata: dict[str, str]
 
 
 class SamplerRecord(msgspec.Struct):
@@ -216,6 +224,30 @@ class Store:
         rows = self._execute("SELECT owner FROM sessions WHERE session_id = ?", (session_id,))
         return rows[0]["owner"] if rows else None
 
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        rows = self._execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
+        if not rows:
+            return None
+        data = dict(rows[0])
+        data["user_metadata"] = json.loads(data["user_metadata"])
+        return SessionRecord(**data)
+
+    def list_sessions(self, owner: str, limit: int, offset: int) -> list[str]:
+        """The owner's session ids, newest first."""
+        rows = self._execute(
+            "SELECT session_id FROM sessions WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        )
+        return [r["session_id"] for r in rows]
+
+    def session_members(self, session_id: str) -> tuple[list[str], list[str]]:
+        """The ids of the session's training runs and of its samplers, oldest first."""
+        runs = self._execute("SELECT run_id FROM runs WHERE session_id = ? ORDER BY created_at", (session_id,))
+        samplers = self._execute(
+            "SELECT sampler_id FROM samplers WHERE session_id = ? ORDER BY created_at", (session_id,)
+        )
+        return [r["run_id"] for r in runs], [r["sampler_id"] for r in samplers]
+
     # --- runs ---
 
     def add_run(self, record: RunRecord) -> None:
@@ -281,7 +313,7 @@ class Store:
     def put_checkpoint(self, record: CheckpointRecord) -> None:
         self._execute(
             "INSERT OR REPLACE INTO checkpoints (run_id, kind, name, owner, directory, created_at, size_bytes,"
-            " expires_at, seq_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " expires_at, seq_id, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.run_id,
                 record.kind,
@@ -292,6 +324,7 @@ class Store:
                 record.size_bytes,
                 record.expires_at,
                 record.seq_id,
+                int(record.published),
             ),
         )
 
@@ -394,4 +427,6 @@ def _run(row: sqlite3.Row) -> RunRecord:
 
 
 def _checkpoint(row: sqlite3.Row) -> CheckpointRecord:
-    return CheckpointRecord(**dict(row))
+    data = dict(row)
+    data["published"] = bool(data["published"])
+    return CheckpointRecord(**data)

@@ -20,11 +20,18 @@ from tinker.types import (
     GetInfoResponse,
     LoadWeightsResponse,
     OptimStepResponse,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     TensorData,
 )
-from tinker.validation import check_checkpoint_name, check_forward_backward, check_ttl, parse_tinker_path
+from tinker.validation import (
+    InvalidInput,
+    check_checkpoint_name,
+    check_forward_backward,
+    check_ttl,
+    parse_tinker_path,
+)
 
 if TYPE_CHECKING:
     from tinker.sampling_client import SamplingClient
@@ -241,6 +248,25 @@ class TrainingClient:
         check_ttl(ttl_seconds)
         return self._submit(
             lambda model_id, seq_id: wire.SaveWeightsForSampler(
+                model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
+            )
+        )
+
+    def save_weights_external(
+        self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
+    ) -> APIFuture[SaveWeightsExternalResponse]:
+        """Export the adapter as ``tinker://<run>/external_weights/<name>`` in PEFT format
+        (``adapter_model.safetensors`` + ``adapter_config.json``), to download with
+        ``RestClient.get_external_weights_urls`` or ``RestClient.download_checkpoint``.
+        Encryption (``age_encryption_recipients``) is not supported here."""
+        check_checkpoint_name(name)
+        check_ttl(ttl_seconds)
+        if age_encryption_recipients:
+            raise InvalidInput(
+                "age_encryption_recipients", "none (this server does not encrypt exports)", age_encryption_recipients
+            )
+        return self._submit(
+            lambda model_id, seq_id: wire.SaveWeightsExternal(
                 model_id=model_id, seq_id=seq_id, name=name, ttl_seconds=ttl_seconds
             )
         )

@@ -31,9 +31,12 @@ __all__ = [
     "Cursor",
     "Datum",
     "EncodedTextChunk",
+    "ExternalWeightsUrlsResponse",
     "ForwardBackwardOutput",
     "GetInfoResponse",
     "GetServerCapabilitiesResponse",
+    "GetSessionResponse",
+    "ListSessionsResponse",
     "LoadWeightsResponse",
     "LoraConfig",
     "LossFnType",
@@ -44,6 +47,7 @@ __all__ = [
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
+    "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
     "StopReason",
@@ -456,7 +460,7 @@ class Cursor(_Lenient):
 
 class Checkpoint(_Lenient):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: Literal["training", "sampler", "external"]
     time: str
     tinker_path: str
     size_bytes: int | None = None
@@ -494,3 +498,28 @@ class WeightsInfoResponse(_Lenient):
     train_mlp: bool | None = None
     train_attn: bool | None = None
     train_unembed: bool | None = None
+
+
+class SaveWeightsExternalResponse(_Lenient):
+    """``path``: ``tinker://<run_id>/external_weights/<name>``, the adapter in PEFT format."""
+
+    path: str
+    size_bytes: int | None = None
+
+
+class ExternalWeightsUrlsResponse(_Lenient):
+    """One signed download URL per file (keyed by its path in the checkpoint), valid until ``expires``."""
+
+    urls: dict[str, str]
+    expires: str
+
+
+class GetSessionResponse(_Lenient):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, str] | None = None
+    display_name: str | None = None
+
+
+class ListSessionsResponse(_Lenient):
+    sessions: list[str]

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
-CHECKPOINT_KINDS = ("weights", "sampler_weights")
+CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 MAX_NUM_SAMPLES = 128
 MAX_TOPK_PROMPT_LOGPROBS = 20
 # Checkpoint TTLs, as in Tinker: 1 hour to 10 years.
@@ -322,7 +322,7 @@ def check_checkpoint_name(name: Any) -> None:
 
 def parse_tinker_path(path: Any, kind: str | None = None, field: str = "path") -> tuple[str, str, str]:
     """``tinker://<run_id>/<kind>/<name>`` as ``(run_id, kind, name)``; ``kind`` demands one kind."""
-    shape = f"'tinker://<run_id>/{kind or 'weights|sampler_weights'}/<name>'"
+    shape = f"'tinker://<run_id>/{kind or '|'.join(CHECKPOINT_KINDS)}/<name>'"
     if not isinstance(path, str) or not path.startswith("tinker://"):
         raise InvalidInput(field, shape, path)
     parts = path.removeprefix("tinker://").split("/")

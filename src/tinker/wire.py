@@ -31,15 +31,19 @@ from tinker.types import (
     AdamParams,
     CheckpointsListResponse,
     Datum,
+    ExternalWeightsUrlsResponse,
     ForwardBackwardOutput,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
     LoadWeightsResponse,
     LoraConfig,
     ModelInput,
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
+    SaveWeightsExternalResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     TrainingRun,
@@ -146,6 +150,15 @@ class SaveWeightsForSampler(_Request):
     ttl_seconds: int | None = None
 
 
+class SaveWeightsExternal(_Request):
+    """Writes ``external_weights/<name>``: the adapter in PEFT format (the files a download gets)."""
+
+    model_id: str
+    seq_id: int
+    name: str
+    ttl_seconds: int | None = None
+
+
 class ReleaseSeq(_Request):
     """Skip ``seq_id`` of a run: the client reserved it but will never send its request (a custom
     loss raised, the call failed or was cancelled before it was sent). The server gives it its
@@ -157,7 +170,9 @@ class ReleaseSeq(_Request):
 
 
 # Requests that take a place in a run's seq_id order.
-TrainingRequest: TypeAlias = ForwardBackward | OptimStep | SaveState | LoadState | SaveWeightsForSampler | ReleaseSeq
+TrainingRequest: TypeAlias = (
+    ForwardBackward | OptimStep | SaveState | LoadState | SaveWeightsForSampler | SaveWeightsExternal | ReleaseSeq
+)
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -225,6 +240,42 @@ class SetCheckpointTtl(_Request):
     ttl_seconds: int | None = None
 
 
+class PublishCheckpoint(_Request):
+    """Publish (any API key may then load or sample it) or unpublish; only its owner may."""
+
+    tinker_path: str
+    published: bool = True
+
+
+class GetExternalWeightsUrls(_Request):
+    """Signed download URLs of a checkpoint's files (any kind the caller may read). ``base_url``
+    (``http(s)://host:port``) makes them absolute; without it they are paths on the server."""
+
+    tinker_path: str
+    base_url: str | None = None
+
+
+class DownloadCheckpoint(_Request):
+    """A checkpoint's files, whole, in the answer (any kind the caller may read)."""
+
+    tinker_path: str
+
+
+class CheckpointFiles(_Reply):
+    """File paths relative to the checkpoint's folder, with their bytes."""
+
+    files: dict[str, bytes]
+
+
+class ListSessions(_Request):
+    limit: int = 20
+    offset: int = 0
+
+
+class GetSession(_Request):
+    session_id: str
+
+
 class Empty(_Reply):
     pass
 
@@ -261,6 +312,12 @@ Request: TypeAlias = (
     | DeleteCheckpoint
     | GetWeightsInfo
     | SetCheckpointTtl
+    | SaveWeightsExternal
+    | PublishCheckpoint
+    | GetExternalWeightsUrls
+    | DownloadCheckpoint
+    | ListSessions
+    | GetSession
     | Heartbeat
     | ReleaseSeq
 )
@@ -287,6 +344,12 @@ RESPONSE_TYPES: dict[type, type] = {
     DeleteCheckpoint: Empty,
     GetWeightsInfo: WeightsInfoResponse,
     SetCheckpointTtl: Empty,
+    SaveWeightsExternal: SaveWeightsExternalResponse,
+    PublishCheckpoint: Empty,
+    GetExternalWeightsUrls: ExternalWeightsUrlsResponse,
+    DownloadCheckpoint: CheckpointFiles,
+    ListSessions: ListSessionsResponse,
+    GetSession: GetSessionResponse,
     Heartbeat: Empty,
     ReleaseSeq: Empty,
 }

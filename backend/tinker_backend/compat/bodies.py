@@ -65,6 +65,7 @@ class SaveWeightsBody(_Body):
     path: str | None = None  # the checkpoint's name
     ttl_seconds: int | None = None
     sampling_session_seq_id: int | None = None  # save_weights_for_sampler without a name
+    age_encryption_recipients: list[str] | None = None  # save_weights_external: must stay empty
 
 
 class LoadWeightsBody(_Body):

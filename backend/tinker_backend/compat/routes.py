@@ -34,13 +34,10 @@ from tinker_backend.compat.bodies import (
     LoadWeightsBody,
     ModelBody,
     OptimStepBody,
-    PageQuery,
     RetrieveFutureBody,
     SampleBody,
     SaveWeightsBody,
     SessionBody,
-    TtlBody,
-    WeightsInfoBody,
     convert,
     error_body,
     errors_as_json,
@@ -48,10 +45,10 @@ from tinker_backend.compat.bodies import (
     on_loopback,
     only_last,
     plain,
-    query_fields,
     read_body,
 )
 from tinker_backend.compat.futures import Entry, FutureTable
+from tinker_backend.compat.rest import RestRoutes
 from tinker_backend.compat.sessions import Session, Sessions
 from tinker_backend.errors import ServiceError
 
@@ -193,7 +190,7 @@ class TinkerHttpApi:
         body = await read_body(request, CreateSessionBody)
         metadata = {key: str(value) for key, value in (body.user_metadata or {}).items()}
         created = await self._call(convert(wire.CreateSession, user_metadata=metadata), owner)
-        self.sessions.add(created.session_id, Session(owner, metadata, body.display_name))
+        self.sessions.add(created.session_id, Session(owner, body.display_name))
         return json_response({"type": "create_session", "session_id": created.session_id})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
@@ -207,22 +204,6 @@ class TinkerHttpApi:
     async def finish_session(self, request: web.Request) -> web.Response:
         self.sessions.get(request.match_info["session_id"], owner_of(request)).finished = True
         return json_response({})
-
-    async def list_sessions(self, request: web.Request) -> web.Response:
-        owner = owner_of(request)
-        query = convert(PageQuery, strict=False, **query_fields(request, "limit", "offset"))
-        return json_response({"sessions": self.sessions.list(owner)[query.offset : query.offset + query.limit]})
-
-    async def get_session(self, request: web.Request) -> web.Response:
-        session = self.sessions.get(request.match_info["session_id"], owner_of(request))
-        return json_response(
-            {
-                "training_run_ids": session.training_run_ids,
-                "sampler_ids": session.sampler_ids,
-                "user_metadata": session.user_metadata or None,
-                "display_name": session.display_name,
-            }
-        )
 
     # --- training ---
 
@@ -241,7 +222,6 @@ class TinkerHttpApi:
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
         def created(result: wire.ModelCreated) -> dict[str, str]:
-            self.sessions.record_run(result.model_id, owner)
             return {"model_id": result.model_id, "type": "create_model"}
 
         self._start(
@@ -320,14 +300,23 @@ class TinkerHttpApi:
             session_id = body.model_id.split(":train:")[0]
             return {"sampling_session_id": f"{session_id}:sample:{body.sampling_session_seq_id}"}
 
-        def saved(result: Any) -> Any:
-            if result.sampling_session_id is not None:
-                self.sessions.record_sampler(result.sampling_session_id, owner)
-            return result
+        return self._start_ordered(owner, body.model_id, body.seq_id, wire.SaveWeightsForSampler, fields)
 
-        return self._start_ordered(
-            owner, body.model_id, body.seq_id, wire.SaveWeightsForSampler, fields, saved
-        )
+    async def save_weights_external(self, request: web.Request) -> web.Response:
+        owner = owner_of(request)
+        body = await read_body(request, SaveWeightsBody)
+
+        def fields() -> dict[str, Any]:
+            if body.path is None:
+                raise ServiceError(400, "path: expected the checkpoint's name, got none")
+            if body.age_encryption_recipients:
+                raise ServiceError(
+                    400, "age_encryption_recipients: expected none (this server does not encrypt exports), got "
+                    f"{body.age_encryption_recipients}"
+                )
+            return {"name": body.path, "ttl_seconds": body.ttl_seconds}
+
+        return self._start_ordered(owner, body.model_id, body.seq_id, wire.SaveWeightsExternal, fields)
 
     async def load_weights(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
@@ -344,7 +333,6 @@ class TinkerHttpApi:
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
         def loaded(result: wire.ModelCreated) -> LoadWeightsResponse:
-            self.sessions.record_run(result.model_id, owner)
             return LoadWeightsResponse(path=body.path)
 
         self._start(
@@ -374,7 +362,6 @@ class TinkerHttpApi:
             base_model=body.base_model,
         )
         await self._call(native, owner)
-        self.sessions.record_sampler(sampler_id, owner)
         return json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
 
     async def get_sampler(self, request: web.Request) -> web.Response:
@@ -432,6 +419,11 @@ class TinkerHttpApi:
 
     # --- futures ---
 
+    async def unsupported(self, request: web.Request) -> web.Response:
+        raise ServiceError(
+            404, f"{request.method} {request.path}: not supported by this server (see docs/compat.md)"
+        )
+
     async def retrieve_future(self, request: web.Request) -> web.Response:
         owner = owner_of(request)
         body = await read_body(request, RetrieveFutureBody)
@@ -475,57 +467,6 @@ class TinkerHttpApi:
             entry.encoded[content_type] = encode(result)
         return content_type
 
-    # --- REST ---
-
-    async def _rest(self, request: web.Request, native: Any) -> web.Response:
-        return json_response(await self._call(native, owner_of(request)))
-
-    async def get_server_capabilities(self, request: web.Request) -> web.Response:
-        return await self._rest(request, wire.GetServerCapabilities())
-
-    async def list_training_runs(self, request: web.Request) -> web.Response:
-        return await self._rest(
-            request, convert(wire.ListTrainingRuns, strict=False, **query_fields(request, "limit", "offset"))
-        )
-
-    async def get_training_run(self, request: web.Request) -> web.Response:
-        return await self._rest(
-            request, convert(wire.GetTrainingRun, training_run_id=request.match_info["run_id"])
-        )
-
-    async def list_checkpoints(self, request: web.Request) -> web.Response:
-        return await self._rest(
-            request, convert(wire.ListCheckpoints, training_run_id=request.match_info["run_id"])
-        )
-
-    async def list_user_checkpoints(self, request: web.Request) -> web.Response:
-        query = query_fields(request, "limit", "offset")
-        return await self._rest(request, convert(wire.ListUserCheckpoints, strict=False, **query))
-
-    async def delete_checkpoint(self, request: web.Request) -> web.Response:
-        return await self._rest(request, convert(wire.DeleteCheckpoint, tinker_path=_tinker_path(request)))
-
-    async def set_checkpoint_ttl(self, request: web.Request) -> web.Response:
-        ttl = (await read_body(request, TtlBody)).ttl_seconds
-        return await self._rest(
-            request, convert(wire.SetCheckpointTtl, tinker_path=_tinker_path(request), ttl_seconds=ttl)
-        )
-
-    async def weights_info(self, request: web.Request) -> web.Response:
-        path = (await read_body(request, WeightsInfoBody)).tinker_path
-        return await self._rest(request, convert(wire.GetWeightsInfo, tinker_path=path))
-
-    async def unsupported(self, request: web.Request) -> web.Response:
-        raise ServiceError(
-            404, f"{request.method} {request.path}: not supported by this server (see docs/compat.md)"
-        )
-
-
-def _tinker_path(request: web.Request) -> str:
-    info = request.match_info
-    return f"tinker://{info['run_id']}/{info['kind']}/{info['name']}"
-
-
 async def _with_local_tokenizer(info: GetInfoResponse) -> GetInfoResponse:
     """Point ``tokenizer_id`` at the model's folder on this machine, so that the SDK's
     ``get_tokenizer()`` (``AutoTokenizer.from_pretrained(tokenizer_id)``) works offline.
@@ -550,8 +491,6 @@ def _zstd_bodies_supported() -> bool:
 def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) -> None:
     """Serve the public Tinker HTTP protocol on ``app``, next to the native protocol."""
     api = TinkerHttpApi(app, backend_key, Config.from_env())
-    training_run = "/api/v1/training_runs/{run_id}"
-    checkpoint = training_run + "/checkpoints/{kind}/{name}"
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/api/v1/client/config", api.client_config),
         ("POST", "/api/v1/client/dynamic_config", api.client_dynamic_config),
@@ -559,32 +498,20 @@ def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) ->
         ("POST", "/api/v1/create_session", api.create_session),
         ("POST", "/api/v1/session_heartbeat", api.session_heartbeat),
         ("POST", "/api/v1/sessions/{session_id}/finish", api.finish_session),
-        ("GET", "/api/v1/sessions", api.list_sessions),
-        ("GET", "/api/v1/sessions/{session_id}", api.get_session),
         ("POST", "/api/v1/create_model", api.create_model),
         ("POST", "/api/v1/get_info", api.get_info),
         ("POST", "/api/v1/forward_backward", api.forward_backward),
         ("POST", "/api/v1/optim_step", api.optim_step),
         ("POST", "/api/v1/save_weights", api.save_weights),
         ("POST", "/api/v1/save_weights_for_sampler", api.save_weights_for_sampler),
+        ("POST", "/api/v1/save_weights_external", api.save_weights_external),
         ("POST", "/api/v1/load_weights", api.load_weights),
         ("POST", "/api/v1/create_sampling_session", api.create_sampling_session),
         ("GET", "/api/v1/samplers/{sampler_id}", api.get_sampler),
         ("POST", "/api/v1/asample", api.asample),
         ("POST", "/api/v1/retrieve_future", api.retrieve_future),
-        ("GET", "/api/v1/get_server_capabilities", api.get_server_capabilities),
-        ("GET", "/api/v1/training_runs", api.list_training_runs),
-        ("GET", training_run, api.get_training_run),
-        ("GET", training_run + "/checkpoints", api.list_checkpoints),
-        ("DELETE", checkpoint, api.delete_checkpoint),
-        ("PUT", checkpoint + "/ttl", api.set_checkpoint_ttl),
-        ("GET", "/api/v1/checkpoints", api.list_user_checkpoints),
-        ("POST", "/api/v1/weights_info", api.weights_info),
+        *RestRoutes(api).routes(),
         # Known routes this server does not serve, answered with a clear message.
-        ("POST", "/api/v1/save_weights_external", api.unsupported),
-        ("GET", training_run + "/checkpoints/external_weights/{name}/external_weights_urls", api.unsupported),
-        ("POST", checkpoint + "/publish", api.unsupported),
-        ("DELETE", checkpoint + "/publish", api.unsupported),
         ("POST", "/api/v1/copy_weights", api.unsupported),
         ("PUT", "/api/v1/sessions/{session_id}/project", api.unsupported),
         ("GET", "/api/v1/sessions/{session_id}/trace_export", api.unsupported),
