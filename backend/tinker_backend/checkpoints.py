@@ -51,6 +51,7 @@ OPTIMIZER_STATE = "optimizer.pt"
 TINKER_STATE = "tinker_state.json"
 
 _PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer.weight"
 _FORMAT_VERSION = 1
 
 
@@ -70,6 +71,8 @@ class AdapterCheckpoint:
     lora_config: LoraConfig | None = None
     step: int = 0
     optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
+    # Base weights some PEFT adapters carry (peft saves lm_head's and embed_tokens'), by module path.
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def rank(self) -> int:
@@ -175,10 +178,17 @@ def read_checkpoint(directory: Path, *, with_optimizer: bool = False) -> Adapter
     directory = Path(directory)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: not a LoRA checkpoint (no {name})")
+            hint = " (it has adapter_model.bin: save it with safetensors)" if (directory / "adapter_model.bin").is_file() else ""
+            raise FileNotFoundError(f"{directory}: not a LoRA checkpoint (no {name}){hint}")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     _check_peft_config(directory, config)
-    weights = _split_weights(directory, load_file(directory / ADAPTER_WEIGHTS))
+    tensors = load_file(directory / ADAPTER_WEIGHTS)
+    base_weights = {
+        key.removeprefix(_PREFIX).removesuffix(_BASE_LAYER): tensors.pop(key)
+        for key in list(tensors)
+        if key.startswith(_PREFIX) and key.endswith(_BASE_LAYER)
+    }
+    weights = _split_weights(directory, tensors)
     rank = int(config["r"])
     ranks = {A.shape[0] for A, _ in weights.values()}
     if ranks != {rank}:
@@ -192,6 +202,7 @@ def read_checkpoint(directory: Path, *, with_optimizer: bool = False) -> Adapter
         scaling=scaling,
         lora_alpha=alpha,
         target_modules=[target_modules] if isinstance(target_modules, str) else list(target_modules),
+        base_weights=base_weights,
     )
     if (directory / TINKER_STATE).is_file():
         state = json.loads((directory / TINKER_STATE).read_text())
@@ -207,6 +218,20 @@ def read_checkpoint(directory: Path, *, with_optimizer: bool = False) -> Adapter
     return checkpoint
 
 
+# PEFT LoRA options that change what the adapter computes (or what it holds) beyond x @ A.T @ B.T.
+_CHANGES_THE_FORWARD = (
+    "trainable_token_indices",
+    "target_parameters",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+)
+
+
 def _check_peft_config(directory: Path, config: dict[str, Any]) -> None:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
@@ -219,11 +244,14 @@ def _check_peft_config(directory: Path, config: dict[str, Any]) -> None:
         problems.append("fan_in_fan_out=true")
     if config.get("lora_bias"):
         problems.append("lora_bias=true")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", *_CHANGES_THE_FORWARD):
         if config.get(key):
-            problems.append(f"{key}={config[key]!r}")
+            problems.append(f"{key}={config[key]!r} (only unset)")
     if problems:
-        raise ValueError(f"{directory}: unsupported adapter_config.json settings: " + "; ".join(problems))
+        raise ValueError(
+            f"{directory}: unsupported adapter_config.json settings (a plain LoRA of one rank and alpha on "
+            "linear layers is expected): " + "; ".join(problems)
+        )
 
 
 def _split_weights(
@@ -232,8 +260,16 @@ def _split_weights(
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         path, _, suffix = key.removeprefix(_PREFIX).rpartition(".lora_")
+        if suffix.startswith("embedding_"):
+            raise ValueError(
+                f"{directory}: {path}: LoRA on an embedding ({key!r}) is not supported; expected LoRA on "
+                "linear layers only (attention, MLP, lm_head)"
+            )
         if not key.startswith(_PREFIX) or suffix not in ("A.weight", "B.weight"):
-            raise ValueError(f"{directory}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}")
+            raise ValueError(
+                f"{directory}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}; expected only "
+                f"'{_PREFIX}<module>.lora_A.weight' and '.lora_B.weight'"
+            )
         halves.setdefault(path, {})[suffix[0]] = tensor.float()
     weights = {}
     for path, pair in sorted(halves.items()):

@@ -173,6 +173,9 @@ class RequestHandler:
             case wire.CreateModelFromState():
                 self._touch_session(request.session_id, owner)
                 return await self.runs.create_from_state(request, owner)
+            case wire.CreateModelFromAdapter():
+                self._touch_session(request.session_id, owner)
+                return await self.runs.create_from_adapter(request, owner)
             case wire.GetInfo():
                 return self.runs.info(self.runs.get(request.model_id, owner))
             case wire.GetServerCapabilities():

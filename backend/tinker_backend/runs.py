@@ -143,6 +143,39 @@ class Runs:
             self._mark_loaded(record, scheduler, next_seq=1)
         return wire.ModelCreated(model_id=run_id, info=self.info(record))
 
+    async def create_from_adapter(self, request: wire.CreateModelFromAdapter, owner: str) -> wire.ModelCreated:
+        """A new run from the PEFT LoRA adapter in ``adapter_dir``, a folder of this machine: only
+        where local models are allowed (403 otherwise). The adapter is saved at once as the run's
+        ``weights/imported`` checkpoint, from which the run reloads after a restart."""
+        if not self.engines.allow_local_models:
+            raise ServiceError(
+                403,
+                f"adapter_dir: expected a checkpoint of this server, got the local folder {request.adapter_dir!r} "
+                "(tinker-server --allow-local-models reads those)",
+            )
+        directory = Path(request.adapter_dir)
+        if not directory.is_absolute():
+            raise ServiceError(400, f"adapter_dir: expected an absolute path, got {request.adapter_dir!r}")
+        self.ledger.check_storage(owner, self.store.storage_bytes(owner))
+        run_id = f"{request.session_id}:train:{request.model_seq_id}"
+        async with self._load_lock:
+            existing = self.store.get_run(run_id)
+            if existing is not None:
+                return wire.ModelCreated(model_id=run_id, info=self.info(existing))
+            scheduler = await self.engines.scheduler(request.base_model)
+            with self._claiming(owner, run_id):
+                config = await scheduler.compute(_importer(run_id, directory, self.limits.max_lora_rank))
+                record = self._record(run_id, request.session_id, owner, request.base_model, config, request.user_metadata)
+                try:
+                    await scheduler.compute(self.checkpoints.save_work(record, "weights", "imported", None, 0))
+                except BaseException:
+                    await scheduler.compute(lambda engine: engine.remove_adapter(run_id))
+                    raise
+            self.store.add_run(record)
+            self._mark_loaded(record, scheduler, next_seq=1)
+        logger.info("created run %s on %s from the adapter %s (rank %d)", run_id, request.base_model, directory, config.rank)
+        return wire.ModelCreated(model_id=run_id, info=self.info(record))
+
     @staticmethod
     def _record(
         run_id: str, session_id: str, owner: str, base_model: str, config: LoraConfig, metadata: dict[str, str]
@@ -387,6 +420,23 @@ def _mutates(request: wire.TrainingRequest) -> bool:
     if isinstance(request, wire.ForwardBackward):
         return not request.forward_only
     return isinstance(request, wire.OptimStep | wire.LoadState)
+
+
+def _importer(run_id: str, directory: Path, max_lora_rank: int) -> Callable[[Engine], LoraConfig]:
+    """Compute-thread work: load the adapter in ``directory`` as ``run_id``'s (fresh optimizer);
+    an adapter that cannot be used is a 400 that says why."""
+
+    def work(engine: Engine) -> LoraConfig:
+        try:
+            config = engine.load_state(run_id, directory, include_optimizer=False)
+        except (ValueError, OSError) as e:  # unreadable, unsupported, or does not fit the model
+            raise ServiceError(400, f"adapter_dir: {e}") from e
+        if config.rank > max_lora_rank:
+            engine.remove_adapter(run_id)
+            raise ServiceError(400, f"adapter_dir: expected a LoRA rank <= {max_lora_rank} (max_lora_rank), got {config.rank}")
+        return config
+
+    return work
 
 
 def _failing(error: ServiceError) -> Work:

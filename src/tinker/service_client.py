@@ -92,6 +92,39 @@ class ServiceClient:
 
         return TrainingClient(self.holder, self.holder.submit(run()))
 
+    def create_training_client_from_adapter(
+        self, base_model: str, adapter_dir: str | os.PathLike[str], user_metadata: dict[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run on ``base_model`` starting from a PEFT LoRA adapter made elsewhere (peft, TRL).
+
+        ``adapter_dir`` is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``
+        on the backend's machine (a relative path is taken from this process's directory): the
+        embedded backend, or a server that allows local models (``--allow-local-models``; others
+        answer 403). The rank comes from the adapter; the run trains every linear of the kinds it
+        targets (attention, MLP, ``lm_head``). An adapter that does not fit the model is refused
+        (400) with what does not fit. Fresh optimizer; the run reloads after a server restart.
+        """
+        if not isinstance(base_model, str) or not base_model:
+            raise ValueError(f"base_model: expected a model name, got {base_model!r}")
+        if not isinstance(adapter_dir, str | os.PathLike) or not str(adapter_dir):
+            raise ValueError(f"adapter_dir: expected a folder path, got {adapter_dir!r}")
+        folder = os.path.abspath(os.path.expanduser(adapter_dir))
+        model_seq = self.holder.next_model_seq()
+
+        async def run() -> wire.ModelCreated:
+            session_id = await wrap(self.holder.session_id())
+            return await self.holder.call(
+                wire.CreateModelFromAdapter(
+                    session_id=session_id,
+                    model_seq_id=model_seq,
+                    base_model=base_model,
+                    adapter_dir=folder,
+                    user_metadata=dict(user_metadata or {}),
+                )
+            )
+
+        return TrainingClient(self.holder, self.holder.submit(run()))
+
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None
     ) -> SamplingClient:

@@ -290,6 +290,20 @@ class Heartbeat(_Request):
     session_id: str
 
 
+# --- importing (appended: new requests go last) -------------------------------------------------
+
+
+class CreateModelFromAdapter(_Request):
+    """A new run on ``base_model`` from the PEFT LoRA adapter in ``adapter_dir``, a folder on the
+    server's machine (served only where it allows local models); rank and targets come from it."""
+
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    adapter_dir: str
+    user_metadata: dict[str, str] = {}
+
+
 Request: TypeAlias = (
     CreateSession
     | CreateModel
@@ -320,6 +334,7 @@ Request: TypeAlias = (
     | GetSession
     | Heartbeat
     | ReleaseSeq
+    | CreateModelFromAdapter
 )
 
 RESPONSE_TYPES: dict[type, type] = {
@@ -352,6 +367,7 @@ RESPONSE_TYPES: dict[type, type] = {
     GetSession: GetSessionResponse,
     Heartbeat: Empty,
     ReleaseSeq: Empty,
+    CreateModelFromAdapter: ModelCreated,
 }
 
 

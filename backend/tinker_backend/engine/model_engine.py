@@ -48,6 +48,14 @@ from .trainer import PreparedItem, TrainableAdapter, forward_backward_batch, pre
 __all__ = ["FwdBwdItem", "ModelEngine"]
 
 
+def _same_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``saved`` is ``weight``, up to the rounding of the dtype it was saved in."""
+    if saved.shape != weight.shape:
+        return False
+    tolerance = 1e-6 if saved.dtype == torch.float32 else 1e-2
+    return torch.allclose(saved.float(), weight.detach().float().cpu(), rtol=tolerance, atol=tolerance)
+
+
 def _train_key(adapter_id: str) -> str:
     return f"train:{adapter_id}"
 
@@ -258,10 +266,18 @@ class ModelEngine:
 
         Accumulated gradients are dropped. Without ``include_optimizer`` (or if the files hold
         no optimizer state) the AdamW state starts fresh.
+
+        A plain PEFT adapter (made elsewhere: no ``tinker_state.json``) trains every linear of the
+        kinds it touches (attention, MLP, ``lm_head``), as a Tinker ``LoraConfig`` selects kinds;
+        the modules of those kinds it lacks start with a fresh A and B = 0, so the model computes
+        exactly what the adapter does.
         """
         checkpoint = checkpoints.read_checkpoint(directory, with_optimizer=include_optimizer)
-        config = checkpoint.lora_config or self._config_from_targets(checkpoint)
         weights = self._checked_weights(directory, checkpoint)
+        if checkpoint.lora_config is None:
+            config, weights = self._completed(checkpoint)
+        else:
+            config = checkpoint.lora_config
         expected = set(lora_target_paths(self.layers, config))
         if set(weights) != expected:
             raise ValueError(
@@ -279,15 +295,22 @@ class ModelEngine:
         self._install(adapter_id, adapter)  # only now, so a failed load leaves the old adapter
         return config
 
-    def _config_from_targets(self, checkpoint: AdapterCheckpoint) -> LoraConfig:
-        kinds = {self.layers[path].kind for path in checkpoint.weights if path in self.layers}
-        return LoraConfig(
+    def _completed(
+        self, checkpoint: AdapterCheckpoint
+    ) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """A plain PEFT adapter's config (the kinds it touches, a new seed) and its weights,
+        completed with fresh ones (B = 0) for the modules of those kinds it lacks."""
+        kinds = {self.layers[path].kind for path in checkpoint.weights}
+        config = LoraConfig(
             rank=checkpoint.rank,
-            seed=None,
+            seed=secrets.randbelow(2**31),
             train_attn="attn" in kinds,
             train_mlp="mlp" in kinds,
             train_unembed="unembed" in kinds,
         )
+        assert config.seed is not None
+        fresh = init_lora_weights(self.layers, config, config.seed)
+        return config, {**fresh, **checkpoint.weights}
 
     def _checked_weights(
         self, directory: Path, checkpoint: AdapterCheckpoint
@@ -296,14 +319,23 @@ class ModelEngine:
         for path, (A, B) in checkpoint.weights.items():
             layer = self.layers.get(path)
             if layer is None:
-                problems.append(f"{path}: no such LoRA-capable module in {self.model_name}")
+                problems.append(
+                    f"{path}: not a linear layer of attention, MLP or the output embedding of {self.model_name}"
+                )
             elif A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
                 problems.append(
-                    f"{path}: shapes A {list(A.shape)} B {list(B.shape)} do not fit "
-                    f"[{layer.out_features}, {layer.in_features}]"
+                    f"{path}: expected lora_A [r, {layer.in_features}] and lora_B [{layer.out_features}, r], "
+                    f"got {list(A.shape)} and {list(B.shape)}"
                 )
+        for path, weight in checkpoint.base_weights.items():  # peft saves lm_head's: the base's own?
+            layer = self.layers.get(path)
+            if layer is None or not _same_weight(weight, layer.base.weight):
+                problems.append(f"{path}: expected the base model's own weight in {path}.base_layer.weight, got another")
         if problems:
-            raise ValueError(f"{directory}: adapter does not fit {self.model_name}: " + "; ".join(problems))
+            made_for = checkpoint.base_model or "another model"
+            raise ValueError(
+                f"{directory}: adapter (made for {made_for!r}) does not fit {self.model_name}: " + "; ".join(problems)
+            )
         return checkpoint.weights
 
     # -- samplers ---------------------------------------------------------------------------
