@@ -39,8 +39,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tinker_backend.cli", "--port", str(self.port), "--data-dir", str(data_dir), *extra],
             stdout=subprocess.DEVNULL,
-            stderr=self.log.open("wb"),
+            stderr=(log_file := self.log.open("wb")),
         )
+        log_file.close()  # the child has its own descriptor
         deadline = time.monotonic() + 60
         while True:
             try:

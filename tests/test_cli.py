@@ -30,7 +30,9 @@ def _train_and_save(server: ServerProcess) -> tuple[str, str, str]:
     tc.optim_step(AdamParams(learning_rate=1e-2)).result()
     sampler_path = tc.save_weights_for_sampler("cli").result().path
     state_path = tc.save_state("cli-state").result().path
-    return tc.model_id, sampler_path, state_path
+    model_id = tc.model_id
+    service.close().result(timeout=30)
+    return model_id, sampler_path, state_path
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -62,7 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _plain(value: Any) -> Any:
-    return msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+    """JSON-ready builtins with every field, defaults included (scripts can rely on the keys)."""
+    if isinstance(value, msgspec.Struct):
+        return {name: _plain(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return msgspec.to_builtins(value)
 
 
 def _print(result: Any, fmt: str) -> None:
@@ -196,13 +203,30 @@ def _export(args: argparse.Namespace) -> str:
     from tinker_cookbook import weights
 
     with tempfile.TemporaryDirectory() as tmp, _Progress(f"exporting {args.path}"):
-        checkpoint = weights.download(args.path, Path(tmp) / "checkpoint")
+        checkpoint = weights.download(args.path, Path(tmp) / "checkpoint", rest_client=_rest())
         if args.kind == "adapter":
             out = weights.build_lora_adapter(checkpoint, args.output)
         else:
-            base_model = args.base_model or _base_model_of(args.path)
+            base_model = _base_model_folder(args.base_model or _base_model_of(args.path))
             out = weights.build_hf_model(base_model, checkpoint, args.output, dtype=args.dtype)
     return f"exported {args.path} ({args.kind}) to {out}"
+
+
+def _base_model_folder(name: str) -> str | Path:
+    """A local folder of the base model's weights: ``name`` itself, its HF-cache snapshot, or, on
+    a machine with the backend installed, the backend's copy (built-in models such as
+    ``tiny-llama`` and the offline SmolLM2 exist only there)."""
+    from tinker_cookbook import weights
+    from tinker_cookbook.exceptions import ConfigurationError
+
+    try:
+        return weights.base_model_folder(name)
+    except ConfigurationError:
+        try:
+            from tinker_backend import model_registry
+        except ImportError:
+            raise
+        return model_registry.resolve_model(name)
 
 
 def _base_model_of(path: str) -> str:

@@ -73,8 +73,7 @@ def download(
             f"tinker_path: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {tinker_path!r}"
         )
     rest = rest_client or tinker.RestClient(base_url=base_url, api_key=api_key)
-    result = rest.download_checkpoint(tinker_path, out_dir).result()
-    return Path(result) if isinstance(result, str | os.PathLike) else Path(out_dir)
+    return Path(rest.download_checkpoint(tinker_path, out_dir).result())
 
 
 def read_adapter(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple[list[int], list[int]]]]:
