@@ -27,6 +27,8 @@ def run_example(name: str, *args: str, tmp_path: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)  # an example in a subprocess: 15-40 s loaded
 def test_quickstart(tmp_path):
     out = run_example("quickstart.py", "--model", "tiny-llama", "--steps", "12", "--lr", "5e-3", tmp_path=tmp_path)
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
@@ -34,6 +36,8 @@ def test_quickstart(tmp_path):
     assert "saved tinker://" in out and "after training:" in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)  # an example in a subprocess: 15-40 s loaded
 def test_async_agent(tmp_path):
     out = run_example("async_agent.py", "--model", "tiny-llama", "--steps", "10", tmp_path=tmp_path)
     assert "loss" in out and "never blocked" in out

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import importlib, importlib.abc, pkgutil, sys
@@ -45,6 +47,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a subprocess that imports every cookbook module
 def test_cookbook_imports_and_runs_without_the_backend(tmp_path: Path):
     src = Path(__file__).resolve().parents[2] / "src"
     env = {k: v for k, v in os.environ.items() if k not in ("TINKER_BASE_URL", "PYTHONPATH")}

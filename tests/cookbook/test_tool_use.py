@@ -334,6 +334,8 @@ def test_warmup_nll_falls(tmp_path, embedded):
 # --- the recipe -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # a recipe subprocess: SFT warm-up then two RL steps
 def test_recipe_runs_warmup_then_two_rl_steps(tmp_path):
     log_path = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TINKER_BASE_URL"}
