@@ -101,7 +101,7 @@ def make_service(
 
 
 # Tenants of ``keyed_server``: owner -> API key (its keys file maps each key to its owner).
-TENANT_KEYS = {name: f"tml-{name}-{'k' * 24}" for name in ("alice", "bob", "carol", "dave", "eve", "frank", "mallory")}
+TENANT_KEYS = {name: f"tml-{name}-{'k' * 24}" for name in ("alice", "bob", "carol", "dave", "eve", "frank", "mallory", "olga")}
 # Its per-key limits, small enough for tests to reach.
 KEYED_LIMITS = {"runs": 3, "pending": 6, "storage": 600_000, "request_bytes": 8 * 2**20}
 

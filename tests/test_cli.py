@@ -18,8 +18,9 @@ from tinker.types import AdamParams, Datum, ModelInput
 
 
 def _train_and_save(server: ServerProcess) -> tuple[str, str, str]:
-    """A tiny run of alice's with one step, a sampler checkpoint and a state checkpoint."""
-    service = tinker.ServiceClient(base_url=server.base_url, api_key=TENANT_KEYS["alice"])
+    """A tiny run of olga's with one step, a sampler checkpoint and a state checkpoint. No other
+    test uses her key, so the keyed server's per-key storage limit is hers alone."""
+    service = tinker.ServiceClient(base_url=server.base_url, api_key=TENANT_KEYS["olga"])
     tc = service.create_lora_training_client(TINY, rank=4, seed=3)
     tokens = tc.get_tokenizer().encode("the command line")
     datum = Datum(
@@ -48,7 +49,7 @@ def test_cli_commands_against_a_server(
 ) -> None:
     run_id, sampler_path, state_path = _train_and_save(keyed_server)
     monkeypatch.setenv("TINKER_BASE_URL", keyed_server.base_url)
-    monkeypatch.setenv("TINKER_API_KEY", TENANT_KEYS["alice"])
+    monkeypatch.setenv("TINKER_API_KEY", TENANT_KEYS["olga"])
 
     code, out, _ = run_cli(capsys, "run", "list")
     assert code == EXIT_OK and run_id in out and out.splitlines()[0].startswith("TRAINING_RUN_ID")
