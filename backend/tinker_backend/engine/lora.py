@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from tinker.types import LoraConfig
 
@@ -215,21 +216,19 @@ class LoraLinear(nn.Module):
         """``y`` plus the delta of the segments ``active`` (all with ``weights`` of one dtype)."""
         dtype = weights[0].A.dtype
         plan = self.routing.plan(active, tuple(w.scaling for w in weights), dtype, x.device)
-        rank = max(w.A.shape[0] for w in weights)
-        padded = {}  # A [rank, in] and B [out, rank] of each segment, zero-padded to the largest rank
-        for i, w in zip(active, weights, strict=True):
-            A, B = self._weights(self.routing.segments[i], w)
-            r = A.shape[0]
-            padded[i] = (A, B) if r == rank else (F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r)))
-        A = torch.stack([padded[i][0] for i in plan.blocks])
-        B = torch.stack([padded[i][1] for i in plan.blocks])
+        pairs = [self._weights(self.routing.segments[i], w) for i, w in zip(active, weights, strict=True)]
+        by_segment = dict(zip(active, pairs, strict=True))
+        # One op each for all blocks, zero-padded to the largest rank (not a pad per adapter):
+        # A [blocks, rank, in] and B.T [blocks, rank, out].
+        A = pad_sequence([by_segment[i][0] for i in plan.blocks], batch_first=True)
+        B_t = pad_sequence([by_segment[i][1].t() for i in plan.blocks], batch_first=True)
         x = x.to(dtype)
         if plan.row_index is not None:
             x = x.index_select(0, plan.row_index)
         if plan.mask is not None:  # zero padding rows: their delta is exactly zero
             x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
         xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
-        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # x @ A.T @ B.T
+        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B_t)  # x @ A.T @ B.T
         delta = (delta * plan.scale).to(y.dtype)
         if plan.row_index is None:
             return y + delta.reshape(y.shape)
