@@ -205,6 +205,7 @@ def forward_backward_batch(
             use_cache=False,
         ).logits
         picked = _target_logprobs(logits, [t for i in order for t in items[i].targets])
+        picked_host = picked.detach().cpu()  # one device-to-host copy for all the results
         results: list[Any] = [None] * len(items)
         total = None
         succeeded = set()
@@ -212,10 +213,11 @@ def forward_backward_batch(
             item = items[i]
             try:
                 rows_of_item = slice(first_row[i], first_row[i] + len(item.tokens))
-                loss, logprobs = _item_loss(item, picked[rows_of_item])
+                loss = _item_loss(item, picked[rows_of_item])
             except Exception as e:
                 results[i] = e
                 continue
+            logprobs = _row_values(item, picked_host[rows_of_item])
             results[i] = ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",
                 loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
@@ -253,11 +255,8 @@ def _layout(items: Sequence[PreparedItem]) -> tuple[list[int], list[list[int]], 
 
 def _right_padded(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, right-padded: real positions never attend to the padding."""
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
     return input_ids, attention_mask
 
 
@@ -276,16 +275,21 @@ def _target_logprobs(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> t
     return logits.gather(-1, index).float() - logsumexp[..., None]
 
 
-def _item_loss(item: PreparedItem, picked: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The summed loss of one item and the target log-probabilities of each datum.
+def _item_loss(item: PreparedItem, picked: torch.Tensor) -> torch.Tensor:
+    """The summed loss of one item.
 
     ``picked`` [rows, T, K] holds the target log-probabilities of the item's rows of the batch.
     """
     loss = picked.new_zeros((), dtype=torch.float32)
-    logprobs = []
-    for row, (target, inputs) in enumerate(zip(item.targets, item.inputs, strict=True)):
-        n = target.shape[0]
-        target_lp = picked[row, :n, : target.reshape(n, -1).shape[1]].reshape(target.shape)
+    for target_lp, inputs in zip(_row_values(item, picked), item.inputs, strict=True):
         loss = loss + datum_loss(item.loss_fn, target_lp, inputs, item.config)
-        logprobs.append(target_lp.detach())
-    return loss, logprobs
+    return loss
+
+
+def _row_values(item: PreparedItem, picked: torch.Tensor) -> list[torch.Tensor]:
+    """The target log-probabilities of each datum of ``item``, shaped as its targets."""
+    values = []
+    for row, target in enumerate(item.targets):
+        n = target.shape[0]
+        values.append(picked[row, :n, : target.reshape(n, -1).shape[1]].reshape(target.shape))
+    return values
