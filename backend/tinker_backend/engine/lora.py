@@ -21,7 +21,6 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from tinker.types import LoraConfig
 
@@ -218,10 +217,11 @@ class LoraLinear(nn.Module):
         plan = self.routing.plan(active, tuple(w.scaling for w in weights), dtype, x.device)
         pairs = [self._weights(self.routing.segments[i], w) for i, w in zip(active, weights, strict=True)]
         by_segment = dict(zip(active, pairs, strict=True))
-        # One op each for all blocks, zero-padded to the largest rank (not a pad per adapter):
-        # A [blocks, rank, in] and B.T [blocks, rank, out].
-        A = pad_sequence([by_segment[i][0] for i in plan.blocks], batch_first=True)
-        B_t = pad_sequence([by_segment[i][1].t() for i in plan.blocks], batch_first=True)
+        # One cat each for all blocks, zero rows up to the largest rank (no pad per adapter; the
+        # backward of a cat only takes views): A [blocks, rank, in] and B.T [blocks, rank, out].
+        rank = max(A.shape[0] for A, _ in pairs)
+        A = _zero_padded_cat([by_segment[i][0] for i in plan.blocks], rank)
+        B_t = _zero_padded_cat([by_segment[i][1].t() for i in plan.blocks], rank)
         x = x.to(dtype)
         if plan.row_index is not None:
             x = x.index_select(0, plan.row_index)
@@ -233,6 +233,17 @@ class LoraLinear(nn.Module):
         if plan.row_index is None:
             return y + delta.reshape(y.shape)
         return y.index_add(0, plan.row_index, delta.reshape(-1, *y.shape[1:]))
+
+
+def _zero_padded_cat(matrices: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """``matrices`` [r_i, n] each, with zero rows up to ``rows``, as one [len, rows, n] tensor."""
+    first = matrices[0]
+    parts: list[torch.Tensor] = []
+    for m in matrices:
+        parts.append(m)
+        if m.shape[0] < rows:
+            parts.append(first.new_zeros(rows - m.shape[0], m.shape[1]))  # a constant: no gradient
+    return torch.cat(parts).view(len(matrices), rows, first.shape[1])
 
 
 def _classify(path: str, is_unembed: bool) -> LayerKind | None:
