@@ -203,7 +203,7 @@ def profile(model: str, runs: int, kind: str, steps: int) -> None:
         stages.wrap(torch.Tensor, "backward", "  backward"),
         stages.wrap(trainer.TensorData, "from_torch", "  results: logprobs to TensorData"),
         stages.wrap(model_engine.ModelEngine, "optim_step", "engine: optim_step (all runs)"),
-        stages.wrap(model_engine.ModelEngine, "optim_steps", "engine: optim_step (all runs)"),
+        stages.wrap(model_engine, "adamw_steps", "engine: joint AdamW update (after the change)"),
         stages.wrap(wire, "decode_response", "client: decode responses"),
     ]
     # The model's forward, found through the embedded backend's loaded engine.
