@@ -6,7 +6,8 @@ loop. A run's training requests execute strictly in ``seq_id`` order and wait on
 *clock cycle* gathers, for every run, the ready ``forward`` / ``forward_backward`` requests at
 the head of its queue plus the ordered operation that follows them (``optim_step``, a save or
 a load: a barrier for that run only), executes all gathered forward/backward work in one
-``forward_backward_many`` call, then the barriers. A repeated ``(run, seq_id)`` is answered
+``forward_backward_many`` call, then the barriers (inside the engine's ``joint_optim_steps``,
+so that the runs' ``optim_step``s apply as one fused AdamW update). A repeated ``(run, seq_id)`` is answered
 with the first answer and applied once. Between clock cycles the torch sampler gets one step.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import time
@@ -247,14 +249,22 @@ def _run_cycle(
                 result.metrics["cycle_tokens:max"] = float(tokens)
                 result.metrics["cycle_seconds:max"] = time.perf_counter() - started
             outcomes.append((item, result))
-    for _, barrier in cycle.values():
-        if barrier is not None:
-            work = barrier.work
-            assert not isinstance(work, FwdBwdItem)
-            try:
-                outcomes.append((barrier, work(engine)))
-            except Exception as e:
-                outcomes.append((barrier, e))
+    barriers = [barrier for _, barrier in cycle.values() if barrier is not None]
+    # An engine that can applies the cycle's optim_steps as one fused update of all their runs.
+    joint = getattr(engine, "joint_optim_steps", None)
+    done = len(outcomes)
+    try:
+        with joint() if joint is not None and len(barriers) > 1 else contextlib.nullcontext():
+            for barrier in barriers:
+                work = barrier.work
+                assert not isinstance(work, FwdBwdItem)
+                try:
+                    outcomes.append((barrier, work(engine)))
+                except Exception as e:
+                    outcomes.append((barrier, e))
+    except Exception as e:  # the joint update failed (e.g. out of memory): its barriers failed
+        logger.exception("clock cycle %d: the joint optimizer update failed", cycle_id)
+        outcomes[done:] = [(barrier, e) for barrier, _ in outcomes[done:]]
     return outcomes
 
 

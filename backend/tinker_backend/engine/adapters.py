@@ -100,6 +100,10 @@ class AdapterTable:
             self._slots.move_to_end(adapter_id)
         return {a: self._slots[a] for a in wanted}
 
+    def in_slot(self, adapter_id: str) -> bool:
+        """Whether ``adapter_id`` is attached on the device now (``get`` would not move any)."""
+        return adapter_id in self._slots
+
     def resident(self) -> list[TrainableAdapter]:
         return list(self._slots.values())
 

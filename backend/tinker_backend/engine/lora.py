@@ -215,25 +215,35 @@ class LoraLinear(nn.Module):
         """``y`` plus the delta of the segments ``active`` (all with ``weights`` of one dtype)."""
         dtype = weights[0].A.dtype
         plan = self.routing.plan(active, tuple(w.scaling for w in weights), dtype, x.device)
-        rank = max(w.A.shape[0] for w in weights)
-        padded = {}  # A [rank, in] and B [out, rank] of each segment, zero-padded to the largest rank
-        for i, w in zip(active, weights, strict=True):
-            A, B = self._weights(self.routing.segments[i], w)
-            r = A.shape[0]
-            padded[i] = (A, B) if r == rank else (F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r)))
-        A = torch.stack([padded[i][0] for i in plan.blocks])
-        B = torch.stack([padded[i][1] for i in plan.blocks])
+        pairs = [self._weights(self.routing.segments[i], w) for i, w in zip(active, weights, strict=True)]
+        by_segment = dict(zip(active, pairs, strict=True))
+        # One cat each for all blocks, zero rows up to the largest rank (no pad per adapter; the
+        # backward of a cat only takes views): A [blocks, rank, in] and B.T [blocks, rank, out].
+        rank = max(A.shape[0] for A, _ in pairs)
+        A = _zero_padded_cat([by_segment[i][0] for i in plan.blocks], rank)
+        B_t = _zero_padded_cat([by_segment[i][1].t() for i in plan.blocks], rank)
         x = x.to(dtype)
         if plan.row_index is not None:
             x = x.index_select(0, plan.row_index)
         if plan.mask is not None:  # zero padding rows: their delta is exactly zero
             x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
         xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
-        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # x @ A.T @ B.T
+        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B_t)  # x @ A.T @ B.T
         delta = (delta * plan.scale).to(y.dtype)
         if plan.row_index is None:
             return y + delta.reshape(y.shape)
         return y.index_add(0, plan.row_index, delta.reshape(-1, *y.shape[1:]))
+
+
+def _zero_padded_cat(matrices: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """``matrices`` [r_i, n] each, with zero rows up to ``rows``, as one [len, rows, n] tensor."""
+    first = matrices[0]
+    parts: list[torch.Tensor] = []
+    for m in matrices:
+        parts.append(m)
+        if m.shape[0] < rows:
+            parts.append(first.new_zeros(rows - m.shape[0], m.shape[1]))  # a constant: no gradient
+    return torch.cat(parts).view(len(matrices), rows, first.shape[1])
 
 
 def _classify(path: str, is_unembed: bool) -> LayerKind | None:

@@ -10,7 +10,9 @@ adapter it was taken from goes on training.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import cast
@@ -43,7 +45,7 @@ from .lora import (
 from .lora import target_paths as lora_target_paths
 from .protocol import FwdBwdItem
 from .torch_sampler import SAMPLERS, Sampler, SampleRequest, StopCriteria
-from .trainer import PreparedItem, TrainableAdapter, forward_backward_batch, prepare_item
+from .trainer import PreparedItem, TrainableAdapter, adamw_steps, forward_backward_batch, prepare_item
 
 __all__ = ["FwdBwdItem", "ModelEngine"]
 
@@ -117,6 +119,8 @@ class ModelEngine:
             self.layers, self.device, max_slots=max_slots, max_host=max_host_adapters, offload_dir=offload_dir
         )
         self._samplers: set[str] = set()
+        # Inside ``joint_optim_steps``: the AdamW updates answered but not yet applied.
+        self._deferred: list[tuple[str, TrainableAdapter, AdamParams]] | None = None
         self.sampler: Sampler = self._make_sampler(sampler, model_path, sampler_dir, max_lora_rank)
 
     def _make_sampler(self, kind: str, model_path: Path, directory: Path | None, max_lora_rank: int) -> Sampler:
@@ -169,17 +173,20 @@ class ModelEngine:
 
     def _install(self, adapter_id: str, adapter: TrainableAdapter) -> None:
         """Put ``adapter`` in a slot under ``adapter_id``, replacing any previous one."""
+        self._apply_deferred()
         self._adapters.add(adapter_id, adapter)
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Drop an adapter with its optimizer state; its sampler snapshots stay."""
         if adapter_id not in self._adapters:
             raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}")
+        self._apply_deferred()
         self._adapters.remove(adapter_id)
 
     def _adapter(self, adapter_id: str) -> TrainableAdapter:
         if adapter_id not in self._adapters:
             raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}")
+        self._apply_deferred()  # whoever reads or moves an adapter sees its updates applied
         return self._adapters.get(adapter_id)
 
     # -- training ---------------------------------------------------------------------------
@@ -207,6 +214,7 @@ class ModelEngine:
         The result of each item equals running it alone; an invalid item gets its exception
         in its place and does not affect the others.
         """
+        self._apply_deferred()
         results: list[ForwardBackwardOutput | Exception | None] = [None] * len(items)
         known = [item.adapter_id for item in items if item.adapter_id in self._adapters]
         self._adapters.acquire(known)  # every adapter of this pass in a slot at once
@@ -232,8 +240,45 @@ class ModelEngine:
         return [result for result in results if result is not None]  # every item has its result
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
-        """Apply AdamW with ``params`` to the accumulated gradients, then clear them."""
-        return self._adapter(adapter_id).optim_step(params)
+        """Apply AdamW with ``params`` to the accumulated gradients, then clear them.
+
+        Inside ``joint_optim_steps`` the metrics (and clipping) come at once and the update is
+        applied with the others' when the block ends (or before anything else uses an adapter).
+        """
+        if self._deferred is None:
+            return self._adapter(adapter_id).optim_step(params)
+        if adapter_id not in self._adapters:
+            raise KeyError(f"adapter_id: no adapter {adapter_id!r} on {self.model_name}")
+        if not self._adapters.in_slot(adapter_id) or any(a == adapter_id for a, _, _ in self._deferred):
+            self._apply_deferred()  # bringing an adapter to a slot may move a waiting one away
+        adapter = self._adapters.get(adapter_id)
+        metrics = adapter.clip_and_measure(params)
+        self._deferred.append((adapter_id, adapter, params))
+        return metrics
+
+    @contextlib.contextmanager
+    def joint_optim_steps(self) -> Iterator[None]:
+        """Within the block, ``optim_step``s of many adapters become ONE fused AdamW update over
+        all their tensors, applied when the block ends (a clock cycle's barriers run in one).
+
+        The result is the same as stepping each adapter alone: the fused kernel updates each
+        tensor independently. An error in the joint update is raised when the block ends.
+        """
+        self._apply_deferred()
+        self._deferred = []
+        try:
+            yield
+        finally:
+            try:
+                self._apply_deferred()
+            finally:
+                self._deferred = None
+
+    def _apply_deferred(self) -> None:
+        if self._deferred:
+            steps = [(adapter, params) for _, adapter, params in self._deferred]
+            self._deferred.clear()  # cleared first: a failed update is never applied twice
+            adamw_steps(steps)
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.adam import adam as adam_update
 
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
 from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
@@ -21,7 +22,9 @@ from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
 from .losses import datum_loss
 from .protocol import FwdBwdItem
 
-__all__ = ["FwdBwdItem", "PreparedItem", "TrainableAdapter", "forward_backward_batch", "prepare_item"]
+__all__ = [
+    "FwdBwdItem", "PreparedItem", "TrainableAdapter", "adamw_steps", "forward_backward_batch", "prepare_item"
+]
 
 
 class TrainableAdapter:
@@ -76,27 +79,72 @@ class TrainableAdapter:
                 if torch.is_tensor(value):  # fused AdamW keeps `step` on the weights' device too
                     state[name] = value.to(device)
 
+    def device_key(self) -> torch.device:
+        """The device of the adapter's weights (they move together)."""
+        return next(iter(self.weights.values()))[0].device
+
     def reset_optimizer(self) -> None:
         self.optimizer = self._new_optimizer()
 
     def optim_step(self, adam: AdamParams) -> dict[str, float]:
         """One AdamW step on the accumulated gradients (clipped if asked), then zero them."""
+        metrics = self.clip_and_measure(adam)
+        adamw_steps([(self, adam)])
+        return metrics
+
+    def clip_and_measure(self, adam: AdamParams) -> dict[str, float]:
+        """The first half of ``optim_step``: the gradient norm (before clipping), clipping if
+        asked, and the AdamW hyper-parameters set; ``adamw_steps`` then applies the update."""
         params = self.parameters()
         grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
         if adam.grad_clip_norm > 0 and grads:
             nn.utils.clip_grad_norm_(params, adam.grad_clip_norm, foreach=False)
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # kept for the optimizer's state_dict
             group.update(
                 lr=adam.learning_rate,
                 betas=(adam.beta1, adam.beta2),
                 eps=adam.eps,
                 weight_decay=adam.weight_decay,
             )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         return {"grad_norm:max": grad_norm, "learning_rate:max": adam.learning_rate}
+
+
+def adamw_steps(steps: Sequence[tuple[TrainableAdapter, AdamParams]]) -> None:
+    """Apply the AdamW step of several adapters (after their ``clip_and_measure``), then zero
+    their gradients: one fused multi-tensor update per set of equal hyper-parameters and device.
+
+    The fused kernel updates each tensor on its own, so the result equals each adapter's
+    ``torch.optim.AdamW(fused=True).step()``: the same state (``step``, ``exp_avg``,
+    ``exp_avg_sq`` in each adapter's ``optimizer.state``), initialised the same way.
+    """
+    groups: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
+    for adapter, adam in steps:
+        key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay, adapter.device_key())
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = groups.setdefault(key, [[], [], [], [], []])
+        for p in adapter.parameters():
+            if p.grad is None:
+                continue
+            state = adapter.optimizer.state[p]
+            if not state:  # as torch.optim.Adam._init_group does for fused=True
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+    for (lr, beta1, beta2, eps, weight_decay, _), (params, grads, exp_avgs, exp_avg_sqs, state_steps) in groups.items():
+        adam_update(
+            params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
+            fused=True, decoupled_weight_decay=True,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+        )
+    for adapter, _ in steps:
+        for p in adapter.parameters():
+            p.grad = None
+        adapter.step += 1
 
 
 @dataclass
@@ -157,6 +205,7 @@ def forward_backward_batch(
             use_cache=False,
         ).logits
         picked = _target_logprobs(logits, [t for i in order for t in items[i].targets])
+        picked_host = picked.detach().cpu()  # one device-to-host copy for all the results
         results: list[Any] = [None] * len(items)
         total = None
         succeeded = set()
@@ -164,10 +213,11 @@ def forward_backward_batch(
             item = items[i]
             try:
                 rows_of_item = slice(first_row[i], first_row[i] + len(item.tokens))
-                loss, logprobs = _item_loss(item, picked[rows_of_item])
+                loss = _item_loss(item, picked[rows_of_item])
             except Exception as e:
                 results[i] = e
                 continue
+            logprobs = _row_values(item, picked_host[rows_of_item])
             results[i] = ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",
                 loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
@@ -205,11 +255,8 @@ def _layout(items: Sequence[PreparedItem]) -> tuple[list[int], list[list[int]], 
 
 def _right_padded(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, right-padded: real positions never attend to the padding."""
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
     return input_ids, attention_mask
 
 
@@ -228,16 +275,21 @@ def _target_logprobs(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> t
     return logits.gather(-1, index).float() - logsumexp[..., None]
 
 
-def _item_loss(item: PreparedItem, picked: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The summed loss of one item and the target log-probabilities of each datum.
+def _item_loss(item: PreparedItem, picked: torch.Tensor) -> torch.Tensor:
+    """The summed loss of one item.
 
     ``picked`` [rows, T, K] holds the target log-probabilities of the item's rows of the batch.
     """
     loss = picked.new_zeros((), dtype=torch.float32)
-    logprobs = []
-    for row, (target, inputs) in enumerate(zip(item.targets, item.inputs, strict=True)):
-        n = target.shape[0]
-        target_lp = picked[row, :n, : target.reshape(n, -1).shape[1]].reshape(target.shape)
+    for target_lp, inputs in zip(_row_values(item, picked), item.inputs, strict=True):
         loss = loss + datum_loss(item.loss_fn, target_lp, inputs, item.config)
-        logprobs.append(target_lp.detach())
-    return loss, logprobs
+    return loss
+
+
+def _row_values(item: PreparedItem, picked: torch.Tensor) -> list[torch.Tensor]:
+    """The target log-probabilities of each datum of ``item``, shaped as its targets."""
+    values = []
+    for row, target in enumerate(item.targets):
+        n = target.shape[0]
+        values.append(picked[row, :n, : target.reshape(n, -1).shape[1]].reshape(target.shape))
+    return values
