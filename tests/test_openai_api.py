@@ -226,6 +226,15 @@ def test_trained_checkpoint_answers_with_what_it_learnt(server: ServerProcess, m
     with pytest.raises(openai.BadRequestError, match="sampler_weights"):
         oai.completions.create(model=weights, **kwargs)
 
+    rest = tinker.RestClient(base_url=server.base_url, api_key=KEY_A)
+    rest.publish_checkpoint_from_tinker_path(memorised).result()  # now any key may sample it
+    assert other.completions.create(model=memorised, **kwargs).choices[0].text == PHRASE
+    rest.unpublish_checkpoint_from_tinker_path(memorised).result()
+    with pytest.raises(openai.APIStatusError) as gone:  # its loaded sampler answers 410, a new one 404
+        other.completions.create(model=memorised, **kwargs)
+    assert gone.value.status_code in (404, 410)
+    rest.close().result(timeout=30)
+
 
 def tinker_key_id(key: str) -> str:
     from tinker_backend.auth import key_id

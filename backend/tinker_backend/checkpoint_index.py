@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import msgspec
 
@@ -44,7 +44,7 @@ from tinker_backend.store import CheckpointRecord, RunRecord, Store, iso_in, now
 
 logger = logging.getLogger("tinker_backend")
 
-SaveResponse = SaveWeightsResponse | SaveWeightsForSamplerResponse | SaveWeightsExternalResponse
+SaveResponse: TypeAlias = SaveWeightsResponse | SaveWeightsForSamplerResponse | SaveWeightsExternalResponse
 _CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 

@@ -37,16 +37,13 @@ class EnginePool:
         self.limits = limits
         self.allow_local_models = allow_local_models
         self._schedulers: dict[str, ModelScheduler] = {}
+        self._paths: dict[str, Path] = {}  # base model -> its resolved folder
 
     async def scheduler(self, base_model: str) -> ModelScheduler:
         """The scheduler of ``base_model``, made on first use (its engine loads lazily); 404 if
         unknown. Finding the weights may download them (in a thread, off the event loop)."""
         if base_model not in self._schedulers:
-            self.check_model_name(base_model)
-            try:
-                path = await asyncio.to_thread(model_registry.resolve_model, base_model)
-            except model_registry.UnknownModelError as e:
-                raise ServiceError(404, f"base_model: {e}") from e
+            path = await self.model_path(base_model)
             if base_model in self._schedulers:  # made by another request meanwhile
                 return self._schedulers[base_model]
             self._schedulers[base_model] = ModelScheduler(
@@ -56,6 +53,25 @@ class EnginePool:
                 max_tokens_per_cycle=self.limits.max_tokens_per_cycle,
             )
         return self._schedulers[base_model]
+
+    async def model_path(self, base_model: str) -> Path:
+        """The folder of ``base_model``'s weights, found once (in a thread: it may download); 404
+        if unknown."""
+        if base_model not in self._paths:
+            self.check_model_name(base_model)
+            try:
+                self._paths[base_model] = await asyncio.to_thread(model_registry.resolve_model, base_model)
+            except model_registry.UnknownModelError as e:
+                raise ServiceError(404, f"base_model: {e}") from e
+        return self._paths[base_model]
+
+    async def architecture(self, base_model: str) -> str:
+        """The model's ``model_type`` from its ``config.json`` ("unknown" if its weights are gone)."""
+        try:
+            path = await self.model_path(base_model)
+        except ServiceError:
+            return "unknown"
+        return model_registry.architecture_of(path).model_type or "unknown"
 
     def loaded(self, base_model: str) -> ModelScheduler | None:
         """The scheduler of ``base_model`` if it was made, else None (nothing is loaded)."""

@@ -177,7 +177,7 @@ class RequestHandler:
                 self._touch_session(request.session_id, owner)
                 return await self.runs.create_from_adapter(request, owner)
             case wire.GetInfo():
-                return self.runs.info(self.runs.get(request.model_id, owner))
+                return await self.runs.info(self.runs.get(request.model_id, owner))
             case wire.GetServerCapabilities():
                 return GetServerCapabilitiesResponse(supported_models=self.engines.capabilities())
             case wire.GetTokenizer():

@@ -29,7 +29,6 @@ from tinker.types import (
     TrainingRun,
 )
 from tinker.validation import InvalidInput, check_data_for_model, check_forward_backward, check_lora_rank
-from tinker_backend import model_registry
 from tinker_backend.checkpoint_index import as_checkpoint, save_answer
 from tinker_backend.engine.protocol import Engine, FwdBwdItem
 from tinker_backend.errors import ServiceError, as_service_error
@@ -66,16 +65,12 @@ class Runs:
     def loaded_in_session(self, session_id: str) -> list[RunRecord]:
         return [run for run in self._loaded.values() if run.session_id == session_id]
 
-    def info(self, run: RunRecord) -> GetInfoResponse:
+    async def info(self, run: RunRecord) -> GetInfoResponse:
         config = LoraConfig(**run.lora_config)
-        try:
-            arch = model_registry.model_architecture(run.base_model).model_type or "unknown"
-        except model_registry.UnknownModelError:  # its weights left this machine since
-            arch = "unknown"
         return GetInfoResponse(
             model_id=run.run_id,
             model_data=ModelData(
-                arch=arch,
+                arch=await self.engines.architecture(run.base_model),
                 model_name=run.base_model,
                 tokenizer_id=run.base_model,
             ),
@@ -102,46 +97,24 @@ class Runs:
     # --- creating runs ----------------------------------------------------------------------------
 
     async def create(self, request: wire.CreateModel, owner: str) -> wire.ModelCreated:
-        run_id = f"{request.session_id}:train:{request.model_seq_id}"
         check_lora_rank(request.lora_config.rank, self.limits.max_lora_rank)
-        async with self._load_lock:
-            existing = self.store.get_run(run_id)
-            if existing is not None:  # a re-sent create: answer it again
-                return wire.ModelCreated(model_id=run_id, info=self.info(existing))
-            scheduler = await self.engines.scheduler(request.base_model)
-            if scheduler.run_count() >= self.limits.max_runs:
-                raise ServiceError(
-                    429,
-                    f"base_model: {scheduler.base_model} already has {scheduler.run_count()} runs "
-                    f"(max_runs {self.limits.max_runs})",
-                )
-            with self._claiming(owner, run_id):
-                config = await scheduler.compute(lambda engine: engine.create_adapter(run_id, request.lora_config))
-            record = self._record(run_id, request.session_id, owner, request.base_model, config, request.user_metadata)
-            self.store.add_run(record)
-            self._mark_loaded(record, scheduler, next_seq=1)
-        logger.info("created run %s on %s (rank %d)", run_id, request.base_model, config.rank)
-        return wire.ModelCreated(model_id=run_id, info=self.info(record))
+        run_id = _run_id(request)
+        return await self._new_run(
+            request, owner, request.base_model, lambda engine: engine.create_adapter(run_id, request.lora_config),
+            request.user_metadata,
+        )
 
     async def create_from_state(self, request: wire.CreateModelFromState, owner: str) -> wire.ModelCreated:
         source = self.checkpoints.lookup(request.path, owner, kind="weights")  # the owner's or a published one
-        base_model = self.checkpoints.base_model(source)
-        run_id = f"{request.session_id}:train:{request.model_seq_id}"
-        async with self._load_lock:
-            existing = self.store.get_run(run_id)
-            if existing is not None:
-                return wire.ModelCreated(model_id=run_id, info=self.info(existing))
-            scheduler = await self.engines.scheduler(base_model)
-            directory = self.checkpoints.directory(source)
-            with self._claiming(owner, run_id):
-                config = await scheduler.compute(
-                    lambda engine: engine.load_state(run_id, directory, request.with_optimizer)
-                )
-            record = self._record(run_id, request.session_id, owner, base_model, config, {})
+        directory, run_id = self.checkpoints.directory(source), _run_id(request)
+
+        async def remember_origin(record: RunRecord, scheduler: ModelScheduler) -> None:
             record.origin_path, record.origin_with_optimizer = source.tinker_path, request.with_optimizer
-            self.store.add_run(record)
-            self._mark_loaded(record, scheduler, next_seq=1)
-        return wire.ModelCreated(model_id=run_id, info=self.info(record))
+
+        return await self._new_run(
+            request, owner, self.checkpoints.base_model(source),
+            lambda engine: engine.load_state(run_id, directory, request.with_optimizer), {}, remember_origin,
+        )
 
     async def create_from_adapter(self, request: wire.CreateModelFromAdapter, owner: str) -> wire.ModelCreated:
         """A new run from the PEFT LoRA adapter in ``adapter_dir``, a folder of this machine: only
@@ -157,24 +130,52 @@ class Runs:
         if not directory.is_absolute():
             raise ServiceError(400, f"adapter_dir: expected an absolute path, got {request.adapter_dir!r}")
         self.ledger.check_storage(owner, self.store.storage_bytes(owner))
-        run_id = f"{request.session_id}:train:{request.model_seq_id}"
+
+        async def save_imported(record: RunRecord, scheduler: ModelScheduler) -> None:
+            try:
+                await scheduler.compute(self.checkpoints.save_work(record, "weights", "imported", None, 0))
+            except BaseException:
+                await scheduler.compute(lambda engine: engine.remove_adapter(record.run_id))
+                raise
+
+        return await self._new_run(
+            request, owner, request.base_model, _importer(_run_id(request), directory, self.limits.max_lora_rank),
+            request.user_metadata, save_imported,
+        )
+
+    async def _new_run(
+        self,
+        request: wire.CreateModel | wire.CreateModelFromState | wire.CreateModelFromAdapter,
+        owner: str,
+        base_model: str,
+        load: Callable[[Engine], LoraConfig],
+        metadata: dict[str, str],
+        finish: Callable[[RunRecord, ModelScheduler], Awaitable[None]] | None = None,
+    ) -> wire.ModelCreated:
+        """Create run ``{session_id}:train:{model_seq_id}``: ``load`` puts its adapter in the engine
+        (and returns its config), ``finish`` completes its record before it is stored. A re-sent
+        create is answered again; a base model at ``max_runs`` answers 429."""
+        run_id = _run_id(request)
         async with self._load_lock:
             existing = self.store.get_run(run_id)
-            if existing is not None:
-                return wire.ModelCreated(model_id=run_id, info=self.info(existing))
-            scheduler = await self.engines.scheduler(request.base_model)
+            if existing is not None:  # a re-sent create: answer it again
+                return wire.ModelCreated(model_id=run_id, info=await self.info(existing))
+            scheduler = await self.engines.scheduler(base_model)
+            if scheduler.run_count() >= self.limits.max_runs:
+                raise ServiceError(
+                    429,
+                    f"base_model: {scheduler.base_model} already has {scheduler.run_count()} runs "
+                    f"(max_runs {self.limits.max_runs})",
+                )
             with self._claiming(owner, run_id):
-                config = await scheduler.compute(_importer(run_id, directory, self.limits.max_lora_rank))
-                record = self._record(run_id, request.session_id, owner, request.base_model, config, request.user_metadata)
-                try:
-                    await scheduler.compute(self.checkpoints.save_work(record, "weights", "imported", None, 0))
-                except BaseException:
-                    await scheduler.compute(lambda engine: engine.remove_adapter(run_id))
-                    raise
+                config = await scheduler.compute(load)
+                record = self._record(run_id, request.session_id, owner, base_model, config, metadata)
+                if finish is not None:
+                    await finish(record, scheduler)
             self.store.add_run(record)
             self._mark_loaded(record, scheduler, next_seq=1)
-        logger.info("created run %s on %s from the adapter %s (rank %d)", run_id, request.base_model, directory, config.rank)
-        return wire.ModelCreated(model_id=run_id, info=self.info(record))
+        logger.info("created run %s on %s (rank %d)", run_id, base_model, config.rank)
+        return wire.ModelCreated(model_id=run_id, info=await self.info(record))
 
     @staticmethod
     def _record(
@@ -413,6 +414,10 @@ class Runs:
         self._loaded.pop(run.run_id, None)
         self._restored_floor.pop(run.run_id, None)
         self.ledger.release_run(run.owner, run.run_id)
+
+
+def _run_id(request: wire.CreateModel | wire.CreateModelFromState | wire.CreateModelFromAdapter) -> str:
+    return f"{request.session_id}:train:{request.model_seq_id}"
 
 
 def _mutates(request: wire.TrainingRequest) -> bool:

@@ -116,7 +116,7 @@ def _rest() -> Any:
     from tinker.rest_client import RestClient
 
     client = RestClient()
-    _opened.append(client._holder)
+    _opened.append(client)
     return client
 
 
@@ -124,14 +124,13 @@ def _service() -> Any:
     from tinker.service_client import ServiceClient
 
     client = ServiceClient()
-    _opened.append(client.holder)
+    _opened.append(client)
     return client
 
 
 def _close_clients() -> None:
     while _opened:
-        holder = _opened.pop()
-        holder.submit(holder.aclose()).result(timeout=10)
+        _opened.pop().close().result(timeout=10)
 
 
 # --- commands -----------------------------------------------------------------------------------

@@ -50,7 +50,17 @@ class RestClient:
         api_key: str | None = None,
         data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._owns_holder = _holder is None  # one from ServiceClient.create_rest_client is the service's
         self._holder = _holder or Holder(base_url=base_url, api_key=api_key, data_dir=data_dir)
+
+    def close(self) -> APIFuture[None]:
+        """Close its connection; one it shares with a ``ServiceClient`` stays open for it."""
+
+        async def close() -> None:
+            if self._owns_holder:
+                await self._holder.aclose()
+
+        return self._holder.submit(close())
 
     def _call(self, request: object) -> APIFuture:
         return self._holder.submit(self._holder.call(request))

@@ -149,8 +149,8 @@ class TrainingClient:
     def _forward_backward(
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None, forward_only: bool
     ) -> APIFuture[ForwardBackwardOutput]:
-        config = _check_config(loss_fn_config)
-        data = _check_data(data, loss_fn, config)
+        data = _check_data(data, loss_fn, loss_fn_config)
+        config = None if loss_fn_config is None else {str(k): float(v) for k, v in loss_fn_config.items()}
         return self._submit(
             lambda model_id, seq_id: wire.ForwardBackward(
                 model_id=model_id,
@@ -353,17 +353,6 @@ class _Reserved:
 def _check_data(data: Sequence[Datum], loss_fn: str, config: dict[str, float] | None = None) -> list[Datum]:
     check_forward_backward(data, loss_fn, config)
     return list(data)
-
-
-def _check_config(config: dict[str, float] | None) -> dict[str, float] | None:
-    if config is None:
-        return None
-    out: dict[str, float] = {}
-    for key, value in config.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"loss_fn_config[{key!r}]: expected a number, got {value!r}")
-        out[str(key)] = float(value)
-    return out
 
 
 def _zero_weights_where_missing(data: Sequence[Datum]) -> Sequence[Datum]:
