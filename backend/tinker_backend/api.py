@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import wire
-from tinker_backend import auth, files_api, openai_api
+from tinker_backend import auth, files_api, metrics, openai_api
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
 from tinker_backend.request_handler import RequestHandler
@@ -99,7 +99,9 @@ def make_app(
     """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
     per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
     and per HTTP body; ``sampler``: the sampling engine (``RequestHandler``)."""
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[auth.auth_middleware])
+    app = web.Application(
+        client_max_size=max_request_bytes, middlewares=[metrics.middleware(BACKEND_KEY), auth.auth_middleware]
+    )
     backend_holder: dict[str, RequestHandler] = {}
 
     async def start(app: web.Application) -> None:
@@ -132,4 +134,5 @@ def make_app(
     add_tinker_http_routes(app, BACKEND_KEY)
     openai_api.add_routes(app, BACKEND_KEY)  # /v1/models, /v1/completions, /v1/chat/completions
     files_api.add_routes(app, BACKEND_KEY)  # signed checkpoint-file downloads
+    metrics.add_routes(app, BACKEND_KEY)  # /metrics (Prometheus)
     return app

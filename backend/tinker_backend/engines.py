@@ -54,6 +54,10 @@ class EnginePool:
             )
         return self._schedulers[base_model]
 
+    def schedulers(self) -> list[ModelScheduler]:
+        """The schedulers made so far (for metrics and the console)."""
+        return list(self._schedulers.values())
+
     async def model_path(self, base_model: str) -> Path:
         """The folder of ``base_model``'s weights, found once (in a thread: it may download); 404
         if unknown."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ from tinker.validation import InvalidInput
 from tinker_backend.checkpoint_index import CheckpointIndex, as_checkpoint
 from tinker_backend.engines import EnginePool
 from tinker_backend.errors import ServiceError, as_service_error
+from tinker_backend.history import RunHistory
 from tinker_backend.limits import Limits
+from tinker_backend.metrics import ServerMetrics
 from tinker_backend.runs import Runs
 from tinker_backend.samplers import Samplers
 from tinker_backend.scheduler import ModelScheduler, Work
@@ -89,7 +92,12 @@ class RequestHandler:
         self.store = Store(self.data_dir / "tinker.sqlite3")
         self.ledger = Ledger(key_limits or KeyLimits(), session_timeout_s)
         self.checkpoints = CheckpointIndex(self.store, self.data_dir)
-        shared = Shared(self.store, self.ledger, self.engines, self.checkpoints, self.limits)
+        self.history = RunHistory(self.store)
+        self.metrics = ServerMetrics()
+        self.metrics.watch(self)
+        shared = Shared(
+            self.store, self.ledger, self.engines, self.checkpoints, self.limits, self.history, self.metrics
+        )
         self._load_lock = shared.load_lock  # one run or sampler loads or unloads at a time
         self.runs = Runs(shared)
         self.samplers = Samplers(shared, self.runs)
@@ -135,13 +143,25 @@ class RequestHandler:
         """Run one decoded request for ``owner``: admitted by the ledger (or 429), then dispatched.
         A validation error is a 400 with its message."""
         self._start_sweeper()
-        self.ledger.enter(owner, exempt=self._exempt(request))
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self.ledger.enter(owner, exempt=self._exempt(request))
+        except RateLimited as e:
+            self.metrics.request_done(request, started, e)
+            raise
         try:
             return await self._dispatch(request, owner)
         except InvalidInput as e:
-            raise as_service_error(e) from e
+            error = as_service_error(e)
+            raise error from e
+        except BaseException as e:
+            error = e
+            raise
         finally:
             self.ledger.leave(owner)
+            if not isinstance(error, asyncio.CancelledError):
+                self.metrics.request_done(request, started, error)
 
     def check_admission(self, request: wire.Request, owner: str) -> None:
         """Raise ``RateLimited`` (a 429) if ``handle(request, owner)`` would be refused now.

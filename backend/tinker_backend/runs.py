@@ -48,6 +48,7 @@ class Runs:
     def __init__(self, shared: Shared) -> None:
         self.store, self.ledger, self.engines = shared.store, shared.ledger, shared.engines
         self.checkpoints, self.limits = shared.checkpoints, shared.limits
+        self.history, self.metrics = shared.history, shared.metrics
         self._load_lock = shared.load_lock  # one load, unload or create at a time (with samplers)
         self._loaded: dict[str, RunRecord] = {}  # run id -> record, for runs in an engine
         self._restored_floor: dict[str, int] = {}  # run id -> its seq_ids up to this ran before a reload
@@ -239,6 +240,8 @@ class Runs:
             self._answered(run, request.seq_id, mutating and not isinstance(e, ServiceError))
             raise
         self._answered(run, request.seq_id, mutating)
+        self.history.answered(run.run_id, request, result)
+        self.metrics.answered(run.base_model, request, result)
         return result
 
     async def release(self, request: wire.ReleaseSeq, owner: str) -> wire.Empty:
@@ -413,6 +416,7 @@ class Runs:
         await scheduler.compute(unload)
         self._loaded.pop(run.run_id, None)
         self._restored_floor.pop(run.run_id, None)
+        self.history.forget(run.run_id)
         self.ledger.release_run(run.owner, run.run_id)
 
 

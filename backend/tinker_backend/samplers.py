@@ -38,6 +38,7 @@ class Samplers:
     def __init__(self, shared: Shared, runs: Runs) -> None:
         self.store, self.ledger, self.engines = shared.store, shared.ledger, shared.engines
         self.checkpoints, self.limits = shared.checkpoints, shared.limits
+        self.history, self.metrics = shared.history, shared.metrics
         self._load_lock = shared.load_lock
         self.runs = runs
         self._loaded: set[str] = set()  # sampler ids with an adapter in an engine
@@ -180,7 +181,17 @@ class Samplers:
         self._answers[key] = future
         while len(self._answers) > _SAMPLE_ANSWER_WINDOW:
             self._answers.popitem(last=False)
-        return await asyncio.shield(future)
+        response = await asyncio.shield(future)
+        self._count_sampled(sampler, response)
+        return response
+
+    def _count_sampled(self, sampler: SamplerRecord, response: SampleResponse) -> None:
+        """Metrics, and the history of the run the sampler came from when it is the caller's."""
+        self.metrics.sampled(sampler.base_model, response)
+        scheme, _, rest = (sampler.model_path or "").partition("://")
+        run = self.store.get_run(rest.partition("/")[0]) if scheme in ("ephemeral", "tinker") else None
+        if run is not None and run.owner == sampler.owner:
+            self.history.sampled(run.run_id, sum(len(s.tokens) for s in response.sequences))
 
     # --- reload and unload ------------------------------------------------------------------------
 

@@ -130,6 +130,17 @@ class ModelScheduler:
     def run_count(self) -> int:
         return len(self._runs)
 
+    def queue_depth(self) -> int:
+        """Training requests waiting in the runs' queues (for metrics)."""
+        return sum(len(queue.pending) for queue in self._runs.values())
+
+    def loaded_engine(self) -> Engine | None:
+        """The engine if it has loaded (for metrics and the console; never starts a load)."""
+        engine = self._engine
+        if engine is None or not engine.done() or engine.cancelled() or engine.exception() is not None:
+            return None
+        return engine.result()
+
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
 

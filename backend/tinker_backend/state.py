@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 
 from tinker_backend.checkpoint_index import CheckpointIndex
 from tinker_backend.engines import EnginePool
+from tinker_backend.history import RunHistory
 from tinker_backend.limits import Limits
+from tinker_backend.metrics import ServerMetrics
 from tinker_backend.store import Store
 from tinker_backend.tenancy import Ledger
 
 
 @dataclass
 class Shared:
-    """The store, the ledger, the engines, the checkpoint index and the limits, and the lock
+    """The store, the ledger, the engines, the checkpoint index, the limits, the per-run history
+    and the metrics, and the lock
     under which runs and samplers load and unload (one at a time, across both modules)."""
 
     store: Store
@@ -22,4 +25,6 @@ class Shared:
     engines: EnginePool
     checkpoints: CheckpointIndex
     limits: Limits
+    history: RunHistory
+    metrics: ServerMetrics
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -1,8 +1,9 @@
 """The durable record of one data dir: SQLite in WAL mode.
 
 Tables: ``api_keys`` (hashes only), ``sessions``, ``runs``, ``samplers``, ``checkpoints`` (an
-index: the files live under ``<data_dir>/checkpoints``) and ``futures`` (requests of the HTTP
-protocol, so that one in flight when the server died is answered "lost" after a restart).
+index: the files live under ``<data_dir>/checkpoints``), ``futures`` (requests of the HTTP
+protocol, so that one in flight when the server died is answered "lost" after a restart) and
+``run_history`` (one row per optimizer step of a run, see ``history.py``; deleted with its run).
 
 What makes a run resumable after a restart (see ``docs/operations.md``): each checkpoint row
 keeps the ``seq_id`` of the save that wrote it, and each run keeps ``last_seq`` (the highest
@@ -75,6 +76,22 @@ CREATE TABLE IF NOT EXISTS futures (
     created_at TEXT NOT NULL,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_history (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    at REAL NOT NULL,
+    loss_sum REAL,
+    weight_sum REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    learning_rate REAL,
+    grad_norm REAL,
+    step_seconds REAL,
+    cycle_seconds REAL NOT NULL,
+    sampled_tokens INTEGER NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TRIGGER IF NOT EXISTS run_history_goes_with_run AFTER DELETE ON runs
+BEGIN DELETE FROM run_history WHERE run_id = OLD.run_id; END;
 CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at);
 CREATE INDEX IF NOT EXISTS checkpoints_by_owner ON checkpoints (owner, created_at);
 """
@@ -147,6 +164,30 @@ class SamplerRecord(msgspec.Struct):
     base_model: str
     model_path: str | None
     created_at: str
+
+
+class HistoryPoint(msgspec.Struct):
+    """One optimizer step of a run: what its forward_backwards and its optim_step reported.
+
+    ``loss_sum`` and ``weight_sum`` add up over the step's forward_backwards (the loss per
+    token is their ratio); ``learning_rate`` and ``grad_norm`` (before clipping) are the
+    optim_step's; ``step_seconds`` runs from the previous step's answer (or the step's first
+    forward_backward) to this one's; ``cycle_seconds`` adds up the clock cycles the step's
+    forward_backwards were merged into; ``sampled_tokens`` counts tokens sampled from the
+    run's snapshots and sampler checkpoints since the previous step. ``at`` is Unix time.
+    """
+
+    run_id: str
+    step: int
+    at: float
+    loss_sum: float | None
+    weight_sum: float
+    tokens: int
+    learning_rate: float | None
+    grad_norm: float | None
+    step_seconds: float | None
+    cycle_seconds: float
+    sampled_tokens: int
 
 
 class KeyRecord(msgspec.Struct):
@@ -293,6 +334,33 @@ class Store:
             " WHERE run_id = ?",
             (now_iso(), seq_id, int(mutating), seq_id, run_id),
         )
+
+    # --- per-run history ---
+
+    def add_history(self, point: HistoryPoint, max_points: int) -> None:
+        """Record one step; past ``max_points`` rows the run's older rows are thinned to every
+        other one (the newest kept), so a long run keeps its whole curve at a coarser grain."""
+        fields = msgspec.structs.astuple(point)
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO run_history VALUES ({', '.join('?' * len(fields))})", fields)
+            count = self._db.execute("SELECT COUNT(*) FROM run_history WHERE run_id = ?", (point.run_id,)).fetchone()[0]
+            if count > max_points:
+                steps = [r[0] for r in self._db.execute(
+                    "SELECT step FROM run_history WHERE run_id = ? ORDER BY step DESC", (point.run_id,)
+                )]
+                drop = [(point.run_id, step) for step in steps[1::2]]
+                self._db.executemany("DELETE FROM run_history WHERE run_id = ? AND step = ?", drop)
+
+    def history(self, run_id: str, after_step: int = 0) -> list[HistoryPoint]:
+        """The run's recorded steps after ``after_step``, oldest first."""
+        rows = self._execute(
+            "SELECT * FROM run_history WHERE run_id = ? AND step > ? ORDER BY step", (run_id, after_step)
+        )
+        return [HistoryPoint(**dict(r)) for r in rows]
+
+    def last_history_step(self, run_id: str) -> int:
+        rows = self._execute("SELECT COALESCE(MAX(step), 0) AS n FROM run_history WHERE run_id = ?", (run_id,))
+        return int(rows[0]["n"])
 
     # --- samplers ---
 

@@ -151,6 +151,10 @@ class Ledger:
     def forget(self, session_id: str) -> None:
         self._seen.pop(session_id, None)
 
+    def live_sessions(self) -> int:
+        """Sessions seen and not expired (for metrics)."""
+        return sum(1 for s in self._seen if not self.is_expired(s))
+
     def expired_sessions(self) -> list[str]:
         """Sessions with no heartbeat or request for ``session_timeout_s`` (none without a timeout)."""
         return [s for s in self._seen if self.is_expired(s)]

@@ -49,6 +49,7 @@ class AdapterTable:
         self._slots: OrderedDict[str, TrainableAdapter] = OrderedDict()  # oldest first
         self._host: OrderedDict[str, TrainableAdapter] = OrderedDict()
         self._disk: dict[str, Path] = {}
+        self.events = {"hit": 0, "miss": 0, "offload": 0}  # acquire()s found in / brought to a slot; moved out
 
     def __contains__(self, adapter_id: object) -> bool:
         return adapter_id in self._slots or adapter_id in self._host or adapter_id in self._disk
@@ -90,6 +91,8 @@ class AdapterTable:
                 f"one pass needs {len(wanted)} adapters but the engine has {self.max_slots} slots"
             )
         missing = [a for a in wanted if a not in self._slots]
+        self.events["hit"] += len(wanted) - len(missing)
+        self.events["miss"] += len(missing)
         self._make_room(len(missing), keep=wanted)
         for adapter_id in missing:
             adapter = self._host.pop(adapter_id, None) or self._load(adapter_id)
@@ -114,6 +117,7 @@ class AdapterTable:
         while len(self._slots) + needed > self.max_slots:
             victim = next(a for a in self._slots if a not in keep)
             adapter = self._slots.pop(victim)
+            self.events["offload"] += 1
             adapter.detach(self._layers)
             adapter.to(torch.device("cpu"))
             self._host[victim] = adapter

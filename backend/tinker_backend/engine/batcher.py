@@ -120,6 +120,8 @@ class SamplingBatcher:
         self._mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows, columns], True: real
         self._keys: set[str] = set()  # routing keys of the published adapters
         self._retiring: set[str] = set()  # routing keys to drop once no request uses them
+        self.decode_steps = 0  # for metrics: decoded_rows / decode_steps is the mean batch size
+        self.decoded_rows = 0
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -407,6 +409,8 @@ class SamplingBatcher:
     def _decode(self) -> None:
         """One decode step for every running row."""
         rows = self._rows
+        self.decode_steps += 1
+        self.decoded_rows += len(rows)
         self._mask = F.pad(self._mask, (0, 1), value=True)
         self.routing.set(self._segments())
         try:

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import torch
@@ -136,6 +136,14 @@ class ModelEngine:
         targets = sorted({path.rpartition(".")[2] for path in self.layers} - {p.rpartition(".")[2] for p in unembed})
         dtype = cast(torch.dtype, self.model.dtype)
         return RoutedSampler(VllmSampler(model_path, dtype, max_lora_rank, targets, unembed, directory), batcher)
+
+    def stats(self) -> dict[str, Any]:
+        """For metrics: adapters per tier, slot events, and the torch sampler's decode counts."""
+        stats: dict[str, Any] = {"tiers": self._adapters.tiers(), "slot_events": dict(self._adapters.events)}
+        batcher: Any = getattr(self.sampler, "fallback", self.sampler)  # a RoutedSampler's torch sampler
+        if hasattr(batcher, "decode_steps"):
+            stats["decode_steps"], stats["decoded_rows"] = batcher.decode_steps, batcher.decoded_rows
+        return stats
 
     def close(self) -> None:
         """Stop the sampler (failing its requests in flight)."""
