@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tinker import wire
-from tinker_backend import auth, files_api, metrics, openai_api
+from tinker_backend import auth, console, files_api, metrics, openai_api
 from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
 from tinker_backend.request_handler import RequestHandler
@@ -95,10 +95,12 @@ def make_app(
     allow_local_models: bool = True,
     max_request_bytes: int = MAX_FRAME_BYTES,
     sampler: str | None = None,
+    admin_owners: tuple[str, ...] = (),
 ) -> web.Application:
     """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
     per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
-    and per HTTP body; ``sampler``: the sampling engine (``RequestHandler``)."""
+    and per HTTP body; ``sampler``: the sampling engine (``RequestHandler``); ``admin_owners``:
+    who sees the console's server page (``console``)."""
     app = web.Application(
         client_max_size=max_request_bytes, middlewares=[metrics.middleware(BACKEND_KEY), auth.auth_middleware]
     )
@@ -135,4 +137,5 @@ def make_app(
     openai_api.add_routes(app, BACKEND_KEY)  # /v1/models, /v1/completions, /v1/chat/completions
     files_api.add_routes(app, BACKEND_KEY)  # signed checkpoint-file downloads
     metrics.add_routes(app, BACKEND_KEY)  # /metrics (Prometheus)
+    console.add_routes(app, BACKEND_KEY, frozenset(admin_owners))  # /console and its JSON
     return app

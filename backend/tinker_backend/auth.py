@@ -50,7 +50,9 @@ logger = logging.getLogger("tinker_backend.auth")
 LOCAL_OWNER = "local"
 KEY_PREFIX = "tml-"  # the official SDK refuses keys without it
 # The signed checkpoint-file URLs carry their permission in their signature (files_api).
-PUBLIC_PATHS = frozenset({"/api/v1/healthz", "/api/v1/checkpoint_file"})
+# The console's pages and static files carry no data (its JSON under /console/api/ needs a key).
+PUBLIC_PATHS = frozenset({"/api/v1/healthz", "/api/v1/checkpoint_file", "/console", "/console/"})
+PUBLIC_PREFIXES = ("/console/static/",)
 _OWNER = "tinker_owner"  # where authenticate() caches the owner on the request
 
 
@@ -161,7 +163,7 @@ async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Authenticate every request but the public ones before any handler runs."""
-    if request.path not in PUBLIC_PATHS:
+    if request.path not in PUBLIC_PATHS and not request.path.startswith(PUBLIC_PREFIXES):
         authenticate(request)
     return await handler(request)
 

@@ -58,6 +58,8 @@ def _add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-key", action="append", default=[], metavar="KEY",
                        help="accept this API key (repeatable); its owner is key-<key id>")
     group.add_argument("--keys-file", type=Path, help="file of 'KEY [OWNER]' lines, re-read when it changes")
+    group.add_argument("--admin-owner", action="append", default=[], metavar="OWNER",
+                       help="an owner whose keys see the console's server page (repeatable)")
     group.add_argument("--allow-no-auth", action="store_true",
                        help="serve a non-loopback address without any API key (everyone is one user)")
     group.add_argument("--allow-local-models", action="store_true",
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data_dir,
         limits=limits.from_args(args),
         api_keys=tuple(args.api_key),
+        admin_owners=tuple(args.admin_owner),
         keys_file=args.keys_file,
         key_limits=KeyLimits(args.max_runs_per_key, args.max_pending_per_key, args.max_storage_per_key),
         session_timeout_s=args.session_timeout or None,

@@ -41,7 +41,7 @@ class RunHistory:
         self.store = store
         self.max_points = max_points
         self._open: dict[str, _Open] = {}
-        self._last_step: dict[str, int] = {}  # run id -> its last recorded step
+        self._last: dict[str, tuple[int, int]] = {}  # run id -> (its last recorded step, tokens_total)
         self._last_end: dict[str, float] = {}  # run id -> when its last step answered
 
     def _step_of(self, run_id: str) -> _Open:
@@ -76,9 +76,10 @@ class RunHistory:
 
     def _optim_step(self, run_id: str, metrics: dict[str, float]) -> None:
         step = self._open.pop(run_id, None) or _Open(started=self._last_end.get(run_id, time.time()))
-        if run_id not in self._last_step:  # after a restart, go on after the rows already stored
-            self._last_step[run_id] = self.store.last_history_step(run_id)
-        number = self._last_step[run_id] + 1
+        if run_id not in self._last:  # after a restart, go on after the rows already stored
+            stored = self.store.last_history([run_id]).get(run_id)
+            self._last[run_id] = (stored.step, stored.tokens_total) if stored is not None else (0, 0)
+        number, tokens_total = self._last[run_id][0] + 1, self._last[run_id][1] + step.tokens
         now = time.time()
         point = HistoryPoint(
             run_id=run_id,
@@ -87,6 +88,7 @@ class RunHistory:
             loss_sum=step.loss_sum if step.has_loss else None,
             weight_sum=step.weight_sum,
             tokens=step.tokens,
+            tokens_total=tokens_total,
             learning_rate=metrics.get("learning_rate:max"),
             grad_norm=metrics.get("grad_norm:max"),
             step_seconds=now - step.started,
@@ -94,7 +96,7 @@ class RunHistory:
             sampled_tokens=step.sampled_tokens,
         )
         self.store.add_history(point, self.max_points)
-        self._last_step[run_id], self._last_end[run_id] = number, now
+        self._last[run_id], self._last_end[run_id] = (number, tokens_total), now
 
 
 def _weight(datum: Datum) -> float:

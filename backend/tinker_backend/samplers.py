@@ -47,6 +47,10 @@ class Samplers:
         self._evicted: dict[str, set[str]] = {}  # session id -> its snapshots unloaded by the cap
         self._answers: OrderedDict[tuple[str, int], asyncio.Future[SampleResponse]] = OrderedDict()
 
+    def is_loaded(self, sampler_id: str) -> bool:
+        """Whether the sampler's adapter is in an engine now (for the console)."""
+        return sampler_id in self._loaded
+
     def _add_loaded(self, sampler_id: str, session_id: str) -> None:
         self._loaded.add(sampler_id)
         self._by_session.setdefault(session_id, set()).add(sampler_id)

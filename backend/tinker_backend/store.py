@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS run_history (
     loss_sum REAL,
     weight_sum REAL NOT NULL,
     tokens INTEGER NOT NULL,
+    tokens_total INTEGER NOT NULL,
     learning_rate REAL,
     grad_norm REAL,
     step_seconds REAL,
@@ -170,7 +171,8 @@ class HistoryPoint(msgspec.Struct):
     """One optimizer step of a run: what its forward_backwards and its optim_step reported.
 
     ``loss_sum`` and ``weight_sum`` add up over the step's forward_backwards (the loss per
-    token is their ratio); ``learning_rate`` and ``grad_norm`` (before clipping) are the
+    token is their ratio); ``tokens_total`` counts the run's trained tokens up to this step (it
+    survives thinning); ``learning_rate`` and ``grad_norm`` (before clipping) are the
     optim_step's; ``step_seconds`` runs from the previous step's answer (or the step's first
     forward_backward) to this one's; ``cycle_seconds`` adds up the clock cycles the step's
     forward_backwards were merged into; ``sampled_tokens`` counts tokens sampled from the
@@ -183,6 +185,7 @@ class HistoryPoint(msgspec.Struct):
     loss_sum: float | None
     weight_sum: float
     tokens: int
+    tokens_total: int
     learning_rate: float | None
     grad_norm: float | None
     step_seconds: float | None
@@ -358,9 +361,15 @@ class Store:
         )
         return [HistoryPoint(**dict(r)) for r in rows]
 
-    def last_history_step(self, run_id: str) -> int:
-        rows = self._execute("SELECT COALESCE(MAX(step), 0) AS n FROM run_history WHERE run_id = ?", (run_id,))
-        return int(rows[0]["n"])
+    def last_history(self, run_ids: list[str]) -> dict[str, HistoryPoint]:
+        """The latest recorded step of each of ``run_ids`` that has one."""
+        marks = ", ".join("?" * len(run_ids))
+        rows = self._execute(
+            f"SELECT h.* FROM run_history h JOIN (SELECT run_id, MAX(step) AS step FROM run_history"
+            f" WHERE run_id IN ({marks}) GROUP BY run_id) m ON h.run_id = m.run_id AND h.step = m.step",
+            tuple(run_ids),
+        )
+        return {r["run_id"]: HistoryPoint(**dict(r)) for r in rows}
 
     # --- samplers ---
 
@@ -369,6 +378,13 @@ class Store:
             "INSERT OR IGNORE INTO samplers VALUES (?, ?, ?, ?, ?, ?)",
             (record.sampler_id, record.session_id, record.owner, record.base_model, record.model_path, record.created_at),
         )
+
+    def list_samplers(self, owner: str, limit: int) -> list[SamplerRecord]:
+        """The owner's samplers, newest first."""
+        rows = self._execute(
+            "SELECT * FROM samplers WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ?", (owner, limit)
+        )
+        return [SamplerRecord(**dict(r)) for r in rows]
 
     def get_sampler(self, sampler_id: str) -> SamplerRecord | None:
         rows = self._execute("SELECT * FROM samplers WHERE sampler_id = ?", (sampler_id,))

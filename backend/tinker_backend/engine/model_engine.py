@@ -139,7 +139,11 @@ class ModelEngine:
 
     def stats(self) -> dict[str, Any]:
         """For metrics: adapters per tier, slot events, and the torch sampler's decode counts."""
-        stats: dict[str, Any] = {"tiers": self._adapters.tiers(), "slot_events": dict(self._adapters.events)}
+        stats: dict[str, Any] = {
+            "device": str(self.device), "tiers": self._adapters.tiers(), "slot_events": dict(self._adapters.events)
+        }
+        if self.device.type == "cuda":
+            stats["device_memory_bytes"] = torch.cuda.memory_allocated(self.device)
         batcher: Any = getattr(self.sampler, "fallback", self.sampler)  # a RoutedSampler's torch sampler
         if hasattr(batcher, "decode_steps"):
             stats["decode_steps"], stats["decoded_rows"] = batcher.decode_steps, batcher.decoded_rows
