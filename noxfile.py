@@ -1,4 +1,4 @@
-"""Sessions: tests (the default suite), lint, typecheck, bench, vllm, compat.
+"""Sessions: tests (the default suite), lint, typecheck, bench, vllm, compat, console.
 
 Each session installs the CPU torch wheel first (``torch==2.13.0``) so that pip never
 resolves a multi-GB CUDA build on a CPU machine.
@@ -86,3 +86,21 @@ def compat(session: nox.Session) -> None:
     )
     session.install("--no-deps", COOKBOOK)
     session.run("pytest", "tests/compat", *session.posargs)
+
+
+@nox.session(python="3.11")
+def console(session: nox.Session) -> None:
+    """The web console in a real headless Chromium (playwright), /metrics, and the quickstart
+    notebook run by nbclient on a real ipykernel. Debian's chromium is installed with apt-get
+    when /usr/bin/chromium is missing (never ``playwright install``: it downloads browsers)."""
+    import os
+    import shutil
+
+    if not os.path.exists("/usr/bin/chromium"):
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        session.run(*sudo, "apt-get", "update", external=True)
+        session.run(*sudo, "apt-get", "install", "-y", "--no-install-recommends", "chromium", external=True)
+    assert shutil.which("chromium"), "chromium: expected /usr/bin/chromium after apt-get install"
+    session.install(TORCH)
+    session.install("-e", ".[dev,console]")
+    session.run("pytest", "tests/console", "tests/test_metrics.py", *session.posargs)
