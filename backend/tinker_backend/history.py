@@ -25,7 +25,7 @@ MAX_POINTS_PER_RUN = 2000
 class _Open:
     """What a run has done since its last optimizer step."""
 
-    started: float
+    started: float | None = None  # when its first training request arrived
     loss_sum: float = 0.0
     has_loss: bool = False
     weight_sum: float = 0.0
@@ -42,20 +42,21 @@ class RunHistory:
         self.max_points = max_points
         self._open: dict[str, _Open] = {}
         self._last: dict[str, tuple[int, int]] = {}  # run id -> (its last recorded step, tokens_total)
-        self._last_end: dict[str, float] = {}  # run id -> when its last step answered
 
-    def _step_of(self, run_id: str) -> _Open:
-        if run_id not in self._open:
-            self._open[run_id] = _Open(started=self._last_end.get(run_id, time.time()))
-        return self._open[run_id]
+    def _step_of(self, run_id: str, arrived: float | None = None) -> _Open:
+        step = self._open.setdefault(run_id, _Open())
+        if step.started is None:
+            step.started = arrived
+        return step
 
-    def answered(self, run_id: str, request: wire.TrainingRequest, result: Any) -> None:
-        """Note a training request's successful answer."""
+    def answered(self, run_id: str, request: wire.TrainingRequest, result: Any, arrived: float) -> None:
+        """Note a training request's successful answer; ``arrived`` is when the request came
+        (``time.time()``): a step's time runs from its first request's arrival to its answer."""
         if isinstance(request, wire.ForwardBackward) and not request.forward_only:
             if isinstance(result, ForwardBackwardOutput):
-                self._forward_backward(run_id, request.data, result)
+                self._forward_backward(self._step_of(run_id, arrived), request.data, result)
         elif isinstance(request, wire.OptimStep) and isinstance(result, OptimStepResponse):
-            self._optim_step(run_id, result.metrics or {})
+            self._optim_step(run_id, self._step_of(run_id, arrived), result.metrics or {})
 
     def sampled(self, run_id: str, tokens: int) -> None:
         """Count ``tokens`` sampled from one of the run's samplers in its open step."""
@@ -65,8 +66,8 @@ class RunHistory:
         """Drop a run's open step (its run was unloaded; its recorded rows stay)."""
         self._open.pop(run_id, None)
 
-    def _forward_backward(self, run_id: str, data: list[Datum], result: ForwardBackwardOutput) -> None:
-        step = self._step_of(run_id)
+    @staticmethod
+    def _forward_backward(step: _Open, data: list[Datum], result: ForwardBackwardOutput) -> None:
         if "loss:sum" in result.metrics:
             step.loss_sum += result.metrics["loss:sum"]
             step.has_loss = True
@@ -74,8 +75,8 @@ class RunHistory:
         step.tokens += sum(d.model_input.length for d in data)
         step.cycle_seconds += result.metrics.get("cycle_seconds:max", 0.0)
 
-    def _optim_step(self, run_id: str, metrics: dict[str, float]) -> None:
-        step = self._open.pop(run_id, None) or _Open(started=self._last_end.get(run_id, time.time()))
+    def _optim_step(self, run_id: str, step: _Open, metrics: dict[str, float]) -> None:
+        del self._open[run_id]
         if run_id not in self._last:  # after a restart, go on after the rows already stored
             stored = self.store.last_history([run_id]).get(run_id)
             self._last[run_id] = (stored.step, stored.tokens_total) if stored is not None else (0, 0)
@@ -91,12 +92,12 @@ class RunHistory:
             tokens_total=tokens_total,
             learning_rate=metrics.get("learning_rate:max"),
             grad_norm=metrics.get("grad_norm:max"),
-            step_seconds=now - step.started,
+            step_seconds=now - step.started if step.started is not None else None,
             cycle_seconds=step.cycle_seconds,
             sampled_tokens=step.sampled_tokens,
         )
         self.store.add_history(point, self.max_points)
-        self._last[run_id], self._last_end[run_id] = (number, tokens_total), now
+        self._last[run_id] = (number, tokens_total)
 
 
 def _weight(datum: Datum) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ class Runs:
         A request ``build`` rejects still takes its place in the order (and answers its error),
         so the requests the client sent after it do not wait forever on a gap.
         """
+        arrived = time.time()
         run, scheduler, ran_before_reload = await self._order_of(request, owner)
         if ran_before_reload:
             return self._answer_from_before_reload(request, run)
@@ -240,7 +242,7 @@ class Runs:
             self._answered(run, request.seq_id, mutating and not isinstance(e, ServiceError))
             raise
         self._answered(run, request.seq_id, mutating)
-        self.history.answered(run.run_id, request, result)
+        self.history.answered(run.run_id, request, result, arrived)
         self.metrics.answered(run.base_model, request, result)
         return result
 

@@ -173,8 +173,8 @@ class HistoryPoint(msgspec.Struct):
     ``loss_sum`` and ``weight_sum`` add up over the step's forward_backwards (the loss per
     token is their ratio); ``tokens_total`` counts the run's trained tokens up to this step (it
     survives thinning); ``learning_rate`` and ``grad_norm`` (before clipping) are the
-    optim_step's; ``step_seconds`` runs from the previous step's answer (or the step's first
-    forward_backward) to this one's; ``cycle_seconds`` adds up the clock cycles the step's
+    optim_step's; ``step_seconds`` runs from the arrival of the step's first request to the
+    optim_step's answer; ``cycle_seconds`` adds up the clock cycles the step's
     forward_backwards were merged into; ``sampled_tokens`` counts tokens sampled from the
     run's snapshots and sampler checkpoints since the previous step. ``at`` is Unix time.
     """

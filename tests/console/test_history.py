@@ -59,14 +59,14 @@ def test_a_step_adds_up_its_forward_backwards_and_closes_on_optim_step(tmp_path)
     history = RunHistory(store)
     first = [datum(4, [0.0, 1.0, 1.0, 1.0]), datum(3, None)]
     second = [datum(5, [0.5] * 5)]
-    history.answered("r", wire.ForwardBackward("r", 1, first, "cross_entropy"), fb_answer(2.5, 0.25))
-    history.answered("r", wire.ForwardBackward("r", 2, second, "cross_entropy"), fb_answer(1.5, 0.5))
-    history.answered("r", wire.ForwardBackward("r", 3, second, "cross_entropy", forward_only=True), fb_answer(9.0, 1))
+    history.answered("r", wire.ForwardBackward("r", 1, first, "cross_entropy"), fb_answer(2.5, 0.25), 100.0)
+    history.answered("r", wire.ForwardBackward("r", 2, second, "cross_entropy"), fb_answer(1.5, 0.5), 101.0)
+    history.answered("r", wire.ForwardBackward("r", 3, second, "cross_entropy", forward_only=True), fb_answer(9.0, 1), 102.0)
     history.sampled("r", 7)
     adam = AdamParams(learning_rate=3e-4)
-    history.answered("r", wire.OptimStep("r", 4, adam), OptimStepResponse({"grad_norm:max": 1.25, "learning_rate:max": 3e-4}))
-    history.answered("r", wire.ForwardBackward("r", 5, second, "cross_entropy"), fb_answer(1.0, 0.5))
-    history.answered("r", wire.OptimStep("r", 6, adam), OptimStepResponse({"grad_norm:max": 0.75, "learning_rate:max": 3e-4}))
+    history.answered("r", wire.OptimStep("r", 4, adam), OptimStepResponse({"grad_norm:max": 1.25, "learning_rate:max": 3e-4}), 103.0)
+    history.answered("r", wire.ForwardBackward("r", 5, second, "cross_entropy"), fb_answer(1.0, 0.5), 104.0)
+    history.answered("r", wire.OptimStep("r", 6, adam), OptimStepResponse({"grad_norm:max": 0.75, "learning_rate:max": 3e-4}), 105.0)
 
     one, two = store.history("r")
     assert (one.step, two.step) == (1, 2)
@@ -75,18 +75,19 @@ def test_a_step_adds_up_its_forward_backwards_and_closes_on_optim_step(tmp_path)
     assert one.tokens == 4 + 3 + 5 and one.tokens_total == 12
     assert (one.learning_rate, one.grad_norm, one.cycle_seconds, one.sampled_tokens) == (3e-4, 1.25, 0.75, 7)
     assert two.loss_sum == 1.0 and two.tokens_total == 17 and two.sampled_tokens == 0 and two.grad_norm == 0.75
-    assert one.step_seconds is not None and one.step_seconds >= 0 and two.at >= one.at
+    # A step's time runs from its first request's arrival (not from the previous step's answer).
+    assert (one.step_seconds, two.step_seconds) == (pytest.approx(one.at - 100.0), pytest.approx(two.at - 104.0))
 
     again = RunHistory(store)  # a restarted server goes on after the stored steps
-    again.answered("r", wire.OptimStep("r", 7, adam), OptimStepResponse({"grad_norm:max": 0.5}))
+    again.answered("r", wire.OptimStep("r", 7, adam), OptimStepResponse({"grad_norm:max": 0.5}), 106.0)
     assert [(p.step, p.tokens_total, p.loss_sum) for p in store.history("r", after_step=2)] == [(3, 17, None)]
 
 
 @pytest.mark.parametrize("weights", [None, [1.0, 0.0]])
 def test_weights_decide_the_loss_per_token_denominator(tmp_path, weights):
     history = RunHistory(Store(tmp_path / "db.sqlite3"))
-    history.answered("r", wire.ForwardBackward("r", 1, [datum(2, weights)], "cross_entropy"), fb_answer(3.0, 0))
-    history.answered("r", wire.OptimStep("r", 2, AdamParams()), OptimStepResponse({}))
+    history.answered("r", wire.ForwardBackward("r", 1, [datum(2, weights)], "cross_entropy"), fb_answer(3.0, 0), 1.0)
+    history.answered("r", wire.OptimStep("r", 2, AdamParams()), OptimStepResponse({}), 2.0)
     (only,) = history.store.history("r")
     assert only.weight_sum == (2.0 if weights is None else 1.0)
     assert (only.learning_rate, only.grad_norm) == (None, None)
