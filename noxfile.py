@@ -4,6 +4,9 @@ Each session installs the CPU torch wheel first (``torch==2.13.0``) so that pip 
 resolves a multi-GB CUDA build on a CPU machine.
 """
 
+import os
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -90,12 +93,11 @@ def compat(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def console(session: nox.Session) -> None:
-    """The web console in a real headless Chromium (playwright), /metrics, and the quickstart
+    """The web console in a real headless Chromium (playwright) and the quickstart
     notebook run by nbclient on a real ipykernel. Debian's chromium is installed with apt-get
-    when /usr/bin/chromium is missing (never ``playwright install``: it downloads browsers)."""
-    import os
-    import shutil
-
+    when /usr/bin/chromium is missing (never ``playwright install``: it downloads browsers).
+    The rest of tests/console (history, the console's JSON) and tests/test_metrics.py need
+    neither and run in the default suite."""
     if not os.path.exists("/usr/bin/chromium"):
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         session.run(*sudo, "apt-get", "update", external=True)
@@ -103,4 +105,4 @@ def console(session: nox.Session) -> None:
     assert shutil.which("chromium"), "chromium: expected /usr/bin/chromium after apt-get install"
     session.install(TORCH)
     session.install("-e", ".[dev,console]")
-    session.run("pytest", "tests/console", "tests/test_metrics.py", *session.posargs)
+    session.run("pytest", "tests/console/test_console.py", "tests/console/test_notebook.py", *session.posargs)
