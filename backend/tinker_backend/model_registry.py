@@ -31,9 +31,11 @@ import os
 import pathlib
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import resources
+from typing import TextIO
 
 from tinker import types
 
@@ -408,6 +410,25 @@ def _hub_progress_bars() -> Iterator[None]:
             disable_progress_bars()
 
 
+@contextlib.contextmanager
+def phase_bar(desc: str, phases: list[str], file: TextIO | None = None) -> Iterator[Callable[[], None]]:
+    """A progress bar over the named phases of a long one-off job, on a terminal only (tqdm's
+    ``disable=None``: silent when ``file``, default stderr, is not a TTY). Yields ``next_phase``,
+    to call as each phase ends; the bar completes when the block does."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(phases), desc=desc, unit="phase", disable=None, file=file or sys.stderr) as bar:
+        bar.set_postfix_str(phases[0])
+
+        def next_phase() -> None:
+            bar.update()
+            if bar.n < len(phases):
+                bar.set_postfix_str(phases[bar.n])
+
+        yield next_phase
+        bar.update(len(phases) - bar.n)
+
+
 def _build_once(folder_name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
     """Run ``build(tmp)`` once per cache dir and publish ``tmp`` atomically as ``models/folder_name``."""
     parent = cache_dir() / "models"
@@ -531,16 +552,20 @@ def _convert_smollm2(out: pathlib.Path) -> None:
     if gguf is None:
         raise _unknown(SMOLLM2, f"the packaged SmolLM2 weights need: {_SMOLLM2_EXTRA}")
     _log.info("converting %s from %s into a Hugging Face folder (once; ~30 s)", SMOLLM2, gguf)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A gguf-"quantized" model refuses save_pretrained, so copy its (dequantised) weights
-    # into a plain model built from the same config minus the quantization marker.
-    config = quantized.config
-    del config.quantization_config
-    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # transformers types it as the base config
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    model.to(torch.bfloat16).save_pretrained(out)  # type: ignore[arg-type]  # bf16 halves the disk; the engine upcasts on CPU
-    tok.model_max_length = _SMOLLM2_MAX_CONTEXT
-    tok.save_pretrained(out)
-    _portable_tokenizer_class(out)
+    with phase_bar(f"converting {SMOLLM2}", ["tokenizer", "dequantise", "copy", "save"]) as next_phase:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        next_phase()
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        next_phase()
+        # A gguf-"quantized" model refuses save_pretrained, so copy its (dequantised) weights
+        # into a plain model built from the same config minus the quantization marker.
+        config = quantized.config
+        del config.quantization_config
+        model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # transformers types it as the base config
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        next_phase()
+        model.to(torch.bfloat16).save_pretrained(out)  # type: ignore[arg-type]  # bf16 halves the disk; the engine upcasts on CPU
+        tok.model_max_length = _SMOLLM2_MAX_CONTEXT
+        tok.save_pretrained(out)
+        _portable_tokenizer_class(out)
