@@ -200,3 +200,27 @@ def test_sampler_sessions_are_listed(browser, console_server, alice):
     sync_api.expect(page.locator("#samplers")).to_contain_text(session_id)
     shot(page, "samplers")
     page.close()
+
+
+def test_runs_filter_and_sort_from_the_keyboard(browser, console_server, alice):
+    short, long = new_run(alice, seed=5, steps=1), new_run(alice, seed=6, steps=3)
+    page = browser.new_page()
+    sign_in(page, console_server, KEYS["alice"])
+    sync_api.expect(page.locator(f'#runs tr[data-run="{long.model_id}"]')).to_be_visible()
+    total = page.locator("#runs tbody tr").count()
+
+    page.get_by_label("Filter").fill(short.model_id)
+    sync_api.expect(page.locator("#run-count")).to_have_text(f"1 of {total}")
+    page.get_by_label("Filter").fill("")
+    steps = page.get_by_role("button", name="Steps")
+    steps.focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("th", has=steps)).to_have_attribute("aria-sort", "ascending")
+    shown = [int(t) for t in page.locator("#runs tbody tr td:nth-child(5)").all_inner_texts()]
+    assert shown == sorted(shown) and len(shown) == total
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("th", has=steps)).to_have_attribute("aria-sort", "descending")
+    assert page.locator("#runs tbody tr").first.get_attribute("data-run") is not None
+    shown = [int(t) for t in page.locator("#runs tbody tr td:nth-child(5)").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True) and shown[0] >= 3
+    page.close()
