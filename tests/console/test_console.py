@@ -32,6 +32,8 @@ DATA = [
     )
 ]
 SHOTS = os.environ.get("CONSOLE_SCREENSHOTS")
+# Whichever test trains first loads the model (and -k may pick any of them).
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,6 @@ def test_a_wrong_key_is_refused(browser, console_server):
     page.close()
 
 
-@pytest.mark.timeout(120)  # the first test to train loads the model
 def test_see_a_run_train_and_its_curve_gain_points(browser, console_server, alice):
     tc = new_run(alice, seed=1, steps=2)
     page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -287,11 +287,12 @@ async function serverPage() {
     ].map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("");
     $("#models").innerHTML = s.models.length ? `<table><thead><tr><th>Base model</th><th>Loaded</th><th>Device</th>
       <th class="num">Runs</th><th class="num">Queue</th><th class="num">In slots</th><th class="num">Offloaded (host / disk)</th>
-      <th class="num">Slot hits / misses / offloads</th></tr></thead><tbody>${s.models.map((m) => {
+      <th class="num">Slot hits / misses / offloads</th><th class="num">Device memory</th></tr></thead><tbody>${s.models.map((m) => {
         const t = m.tiers || {}, e = m.slot_events || {};
         return `<tr><td>${esc(m.base_model)}</td><td>${m.loaded ? "yes" : "no"}</td><td>${esc(m.device || "–")}</td>
         <td class="num">${m.runs}</td><td class="num">${m.queue_depth}</td><td class="num">${t.slots ?? "–"}</td>
-        <td class="num">${t.host ?? "–"} / ${t.disk ?? "–"}</td><td class="num">${e.hit ?? "–"} / ${e.miss ?? "–"} / ${e.offload ?? "–"}</td></tr>`;
+        <td class="num">${t.host ?? "–"} / ${t.disk ?? "–"}</td><td class="num">${e.hit ?? "–"} / ${e.miss ?? "–"} / ${e.offload ?? "–"}</td>
+        <td class="num">${m.device_memory_bytes === undefined ? "–" : bytes(m.device_memory_bytes)}</td></tr>`;
       }).join("")}</tbody></table>` : `<p class="muted">No base model loaded yet.</p>`;
   });
 }
