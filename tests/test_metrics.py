@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import aiohttp
 import pytest
+from conftest import TENANT_KEYS
 from native_wire import DATA, TINY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -76,8 +77,13 @@ async def test_metrics_move_while_real_work_runs(server):
 
 
 async def test_metrics_need_a_key_where_keys_are_required(keyed_server):
-    async with aiohttp.ClientSession() as session, session.get(keyed_server.base_url + "/metrics") as reply:
-        assert reply.status == 401
+    url = keyed_server.base_url + "/metrics"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as reply:
+            assert reply.status == 401
+        # Prometheus sends the key as a bearer token (docs/operations.md).
+        async with session.get(url, headers={"Authorization": f"Bearer {TENANT_KEYS['olga']}"}) as reply:
+            assert reply.status == 200 and "tinker_sessions_live" in await reply.text()
 
 
 def test_each_server_has_its_own_registry():
