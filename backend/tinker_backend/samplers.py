@@ -46,6 +46,7 @@ class Samplers:
         self._snapshots: dict[str, list[str]] = {}  # run id -> its loaded snapshots, oldest first
         self._evicted: dict[str, set[str]] = {}  # session id -> its snapshots unloaded by the cap
         self._answers: OrderedDict[tuple[str, int], asyncio.Future[SampleResponse]] = OrderedDict()
+        self._history_run: dict[str, str | None] = {}  # sampler id -> the run whose history counts its tokens
 
     def is_loaded(self, sampler_id: str) -> bool:
         """Whether the sampler's adapter is in an engine now (for the console)."""
@@ -192,10 +193,13 @@ class Samplers:
     def _count_sampled(self, sampler: SamplerRecord, response: SampleResponse) -> None:
         """Metrics, and the history of the run the sampler came from when it is the caller's."""
         self.metrics.sampled(sampler.base_model, response)
-        scheme, _, rest = (sampler.model_path or "").partition("://")
-        run = self.store.get_run(rest.partition("/")[0]) if scheme in ("ephemeral", "tinker") else None
-        if run is not None and run.owner == sampler.owner:
-            self.history.sampled(run.run_id, sum(len(s.tokens) for s in response.sequences))
+        if sampler.sampler_id not in self._history_run:  # a sampler's weights never change: look once
+            scheme, _, rest = (sampler.model_path or "").partition("://")
+            run = self.store.get_run(rest.partition("/")[0]) if scheme in ("ephemeral", "tinker") else None
+            self._history_run[sampler.sampler_id] = run.run_id if run is not None and run.owner == sampler.owner else None
+        run_id = self._history_run[sampler.sampler_id]
+        if run_id is not None:
+            self.history.sampled(run_id, sum(len(s.tokens) for s in response.sequences))
 
     # --- reload and unload ------------------------------------------------------------------------
 
@@ -240,6 +244,7 @@ class Samplers:
 
     async def _unload(self, sampler_id: str) -> None:
         self._loaded.discard(sampler_id)
+        self._history_run.pop(sampler_id, None)
         self._answers = OrderedDict((k, v) for k, v in self._answers.items() if k[0] != sampler_id)
         record = self.store.get_sampler(sampler_id)
         scheduler = None if record is None else self.engines.loaded(record.base_model)
