@@ -1,0 +1,165 @@
+"""``TrainerGroup``: N local processes that hold one base model sharded (FSDP2) and train as one.
+
+The parent (the server, or a test) drives the group with plain engine calls: every call goes to
+every rank in the same order (the ranks run SPMD, see ``engine.sharded``) and the answer of
+rank 0 is returned. Each rank is a ``spawn``ed process with a pipe; the ranks form a
+``torch.distributed`` group (gloo on CPU, NCCL on CUDA) through a file in a private directory.
+
+A rank that dies (killed, out of memory) is noticed at once through its process sentinel: the
+call in flight fails with ``WorkerDied`` naming the rank and its pid, and the group is stopped
+(its other ranks would wait forever in a collective). The owner may then ``start`` a new group.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("tinker_backend.workers")
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of a group died; its work in flight is lost (retry it on a new group)."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What each rank loads: the base model and the ``ModelEngine`` options."""
+
+    model_name: str
+    model_path: Path
+    ranks: int = 2
+    device: str = "cpu"  # "cpu", or "cuda": rank r uses cuda:r
+    dtype: str | None = None  # "float32" / "bfloat16"; None: the engine's default for the device
+    engine_options: dict[str, Any] = field(default_factory=dict)  # max_slots, offload_dir, ...
+
+
+class TrainerGroup:
+    """A started group of ``spec.ranks`` processes; ``call`` runs an engine method on all."""
+
+    def __init__(self, spec: GroupSpec, *, start_timeout_s: float = 300.0) -> None:
+        self.spec = spec
+        self._context = multiprocessing.get_context("spawn")
+        self._rendezvous = tempfile.TemporaryDirectory(prefix="tinker-group-")
+        init_file = Path(self._rendezvous.name) / "init"
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        for rank in range(spec.ranks):
+            parent, child = self._context.Pipe()
+            process = self._context.Process(
+                target=_rank_main, args=(rank, spec, str(init_file), child),
+                name=f"trainer-{spec.model_name[-24:]}-rank{rank}", daemon=True,
+            )
+            process.start()
+            child.close()
+            self._conns.append(parent)
+            self.processes.append(process)
+        try:
+            infos = self._gather(timeout=start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.vocab_size: int = infos[0]["vocab_size"]
+        self.max_context_length: int = infos[0]["max_context_length"]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``engine.method(*args, **kwargs)`` on every rank; rank 0's answer (or its exception)."""
+        for conn in self._conns:
+            conn.send((method, args, kwargs))
+        return self._gather()[0]
+
+    def _gather(self, timeout: float | None = None) -> list[Any]:
+        """Each rank's answer, failing fast (and stopping the group) when a rank dies."""
+        answers: dict[int, tuple[str, Any]] = {}
+        waiting = {conn: rank for rank, conn in enumerate(self._conns)}
+        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
+        while waiting:
+            ready = multiprocessing.connection.wait([*waiting, *sentinels], timeout)
+            if not ready:
+                self.stop()
+                raise WorkerDied(f"{self.describe()}: no answer within {timeout} s; the group was stopped")
+            for item in ready:
+                if item in waiting:
+                    rank = waiting.pop(item)
+                    try:
+                        answers[rank] = item.recv()
+                    except EOFError:
+                        self._died(rank)
+                elif sentinels[item] in waiting.values():  # type: ignore[index]
+                    self._died(sentinels[item])  # type: ignore[index]
+        errors = [answers[r][1] for r in sorted(answers) if answers[r][0] == "error"]
+        if errors:
+            raise errors[0]
+        return [answers[r][1] for r in sorted(answers)]
+
+    def _died(self, rank: int) -> None:
+        process = self.processes[rank]
+        process.join(timeout=1)
+        message = (f"{self.describe()}: rank {rank} (pid {process.pid}) died with exit code {process.exitcode}; "
+                   "its work in flight is lost, retry it")
+        logger.error(message)
+        self.stop()
+        raise WorkerDied(message)
+
+    def describe(self) -> str:
+        return f"trainer group of {self.spec.model_name!r} ({self.spec.ranks} ranks)"
+
+    def alive(self) -> bool:
+        return bool(self.processes) and all(process.is_alive() for process in self.processes)
+
+    def stop(self) -> None:
+        """Ask the ranks to exit, kill those that do not; idempotent."""
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns = []
+        self._rendezvous.cleanup()
+
+
+def _rank_main(rank: int, spec: GroupSpec, init_file: str, conn: multiprocessing.connection.Connection) -> None:
+    """One rank: join the process group, build the sharded engine, serve calls until told to stop."""
+    import torch
+    import torch.distributed as dist
+
+    from tinker_backend.engine.sharded import ShardedModelEngine, picklable
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.ranks))  # the ranks share the cores
+    cuda = spec.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=spec.ranks,
+                            init_method=f"file://{init_file}")
+    try:
+        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        try:
+            engine = ShardedModelEngine(spec.model_name, spec.model_path, f"cuda:{rank}" if cuda else "cpu",
+                                        dtype=dtype, **spec.engine_options)
+        except Exception as e:
+            conn.send(("error", picklable(e)))
+            return
+        conn.send(("ok", {"vocab_size": engine.vocab_size, "max_context_length": engine.max_context_length}))
+        while (message := conn.recv()) is not None:
+            method, args, kwargs = message
+            try:
+                conn.send(("ok", getattr(engine, method)(*args, **kwargs)))
+            except Exception as e:
+                conn.send(("error", picklable(e)))
+    except EOFError:  # the parent went away
+        pass
+    finally:
+        dist.destroy_process_group()
