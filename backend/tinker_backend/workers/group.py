@@ -35,7 +35,7 @@ class GroupSpec:
     model_name: str
     model_path: Path
     ranks: int = 2
-    device: str = "cpu"  # "cpu", or "cuda": rank r uses cuda:r
+    devices: tuple[str, ...] = ()  # rank r's device ("cpu", "cuda:N"); default: cpu, or cuda:r with CUDA
     dtype: str | None = None  # "float32" / "bfloat16"; None: the engine's default for the device
     engine_options: dict[str, Any] = field(default_factory=dict)  # max_slots, offload_dir, ...
 
@@ -139,16 +139,18 @@ def _rank_main(rank: int, spec: GroupSpec, init_file: str, conn: multiprocessing
     from tinker_backend.engine.sharded import ShardedModelEngine, picklable
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.ranks))  # the ranks share the cores
-    cuda = spec.device == "cuda"
+    device = spec.devices[rank] if spec.devices else (f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=spec.ranks,
                             init_method=f"file://{init_file}")
     try:
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
         try:
-            engine = ShardedModelEngine(spec.model_name, spec.model_path, f"cuda:{rank}" if cuda else "cpu",
-                                        dtype=dtype, **spec.engine_options)
+            engine = ShardedModelEngine(spec.model_name, spec.model_path, device, dtype=dtype, **spec.engine_options)
         except Exception as e:
             conn.send(("error", picklable(e)))
             return
