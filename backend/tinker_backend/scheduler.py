@@ -219,6 +219,11 @@ class ModelScheduler:
         )
         for item, outcome in outcomes:
             _settle(item.future, outcome)
+        take_lost = getattr(engine, "take_lost", None)  # engines on worker processes (workers.local)
+        lost = take_lost() if take_lost is not None else None
+        if lost is not None:  # its workers died with every run's adapter: each run reloads on next use
+            for run_id in list(self._runs):
+                self.remove_run(run_id, lost)
 
     def close(self) -> None:
         if self._task is not None:

@@ -44,6 +44,7 @@ class GroupEngine:
         shutil.rmtree(publish_dir, ignore_errors=True)  # versions of an earlier server: never reused
         publish_dir.mkdir(parents=True)
         self._adapters: set[str] = set()  # adapter ids in the current group
+        self._lost: ServiceError | None = None
 
     # -- the group ----------------------------------------------------------------------------
 
@@ -56,7 +57,13 @@ class GroupEngine:
         except WorkerDied as e:
             self._group = None
             self._adapters.clear()  # the adapters died with the group
-            raise ServiceError(503, f"{e} (retryable)") from e
+            self._lost = ServiceError(503, f"{e} (retryable)")
+            raise self._lost from e
+
+    def take_lost(self) -> ServiceError | None:
+        """The error of a group lost since the last call (then None): its runs must be reloaded."""
+        lost, self._lost = self._lost, None
+        return lost
 
     def _restart(self) -> None:
         if self._group is not None:
