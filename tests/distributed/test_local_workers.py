@@ -11,14 +11,13 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TINY, ServerProcess
 
 import tinker
-from conftest import TINY, ServerProcess
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -9,10 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tinker_backend.workers.config import Deployment, ModelPlacement, PlacementError, load_deployment, parse_models
-
 from conftest import free_port
+
+from tinker_backend.workers.config import (
+    Deployment,
+    ModelPlacement,
+    PlacementError,
+    load_deployment,
+    parse_models,
+)
 
 GOOD = """
 [models."tiny-llama"]
