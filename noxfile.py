@@ -86,3 +86,11 @@ def compat(session: nox.Session) -> None:
     )
     session.install("--no-deps", COOKBOOK)
     session.run("pytest", "tests/compat", *session.posargs)
+
+
+@nox.session(python="3.11")
+def distributed(session: nox.Session) -> None:
+    """Trainer groups in worker processes: FSDP2 over gloo ranks equals the single process,
+    ``--workers local`` end to end and its kill -9 fault test (tests/distributed, docs/scaling.md)."""
+    install(session)
+    session.run("pytest", "tests/distributed", *session.posargs, env={"TINKER_DISTRIBUTED": "1"})

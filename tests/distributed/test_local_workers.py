@@ -20,7 +20,7 @@ from conftest import TINY, ServerProcess
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 RTOL = 1e-5

@@ -23,8 +23,6 @@ from tinker_backend.engine.sharded import split_items
 from tinker_backend.model_registry import resolve_model
 from tinker_backend.workers.group import GroupSpec, TrainerGroup
 
-pytestmark = pytest.mark.timeout(300)
-
 RTOL = 1e-5
 LR = 1e-2
 # AdamW divides each element's step by that element's own gradient scale, so rounding in a
@@ -129,6 +127,9 @@ def test_split_items_is_contiguous_and_balanced() -> None:
     assert all(share == list(range(share[0], share[-1] + 1)) for share in shares if share)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_two_ranks_equal_one_process_and_checkpoints_interchange(
     single: ModelEngine, group: TrainerGroup, tmp_path: Path
 ) -> None:
