@@ -50,8 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sampling engine: torch (continuous batching) or vllm, which needs vllm "
                         "installed; default $TINKER_SAMPLER, else torch (docs/sampling.md)")
     parser.add_argument("--workers", choices=list(WORKER_KINDS), default="inprocess",
-                        help="where base models train: inprocess (this process, the default) or local "
-                        "(supervised worker processes, trainer_ranks of them per model; docs/scaling.md)")
+                        help="where base models train: inprocess (this process, the default), local "
+                        "(supervised worker processes, trainer_ranks of them per model) or ray (Ray actors; "
+                        "needs the [ray] extra; docs/scaling.md)")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --workers ray: the Ray cluster to join (e.g. 10.0.0.1:6379); default: "
+                        "start a local Ray")
     parser.add_argument("--models", type=Path, metavar="FILE",
                         help="TOML placement per base model: trainer_ranks, sampler, devices, dtype, "
                         "max_adapter_slots (docs/scaling.md); checked before anything loads")
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         log.error(problem)
         sys.exit(2)
     try:
-        deployment = load_deployment(args.workers, args.models)
+        deployment = load_deployment(args.workers, args.models, args.ray_address)
     except PlacementError as e:
         log.error("%s", e)
         sys.exit(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,22 @@ class EnginePool:
         if self.deployment.workers == "inprocess":
             device = placement.devices[0] if placement.devices else None
             return self._engine(base_model, path, placement, device)
-        from tinker_backend.workers.group import GroupSpec
+        from tinker_backend.workers.group import GroupSpec, TrainerGroup
         from tinker_backend.workers.local import GroupEngine
 
         spec = GroupSpec(
             base_model, path, ranks=placement.trainer_ranks, devices=placement.devices or (),
             dtype=placement.dtype, engine_options=self._engine_options(base_model, placement),
         )
+        start_group: Callable[[GroupSpec], Any] = TrainerGroup
+        if self.deployment.workers == "ray":
+            from tinker_backend.workers import ray_group
+
+            ray_group.connect(self.deployment.ray_address, num_cpus=max(os.cpu_count() or 1, spec.ranks))
+            start_group = ray_group.RayTrainerGroup
         group = GroupEngine(spec, lambda: self._engine(base_model, path, placement, None),
-                            self.data_dir / "published" / _safe_name(base_model))
+                            self.data_dir / "published" / _safe_name(base_model),
+                            placement=self.deployment.workers, start_group=start_group)
         self._groups[base_model] = group
         return group
 

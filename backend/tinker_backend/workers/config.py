@@ -18,18 +18,19 @@ Without a file every base model gets the defaults: one rank in the server proces
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-WORKER_KINDS = ("inprocess", "local")
+WORKER_KINDS = ("inprocess", "local", "ray")
 SAMPLER_KINDS = ("torch", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
-WorkerKind = Literal["inprocess", "local"]
+WorkerKind = Literal["inprocess", "local", "ray"]
 
 
 class PlacementError(ValueError):
@@ -55,6 +56,7 @@ class Deployment:
 
     workers: WorkerKind = "inprocess"
     models: dict[str, ModelPlacement] = field(default_factory=dict)
+    ray_address: str | None = None  # --workers ray: the cluster to join; None starts a local Ray
 
     def placement(self, base_model: str) -> ModelPlacement:
         return self.models.get(base_model, ModelPlacement())
@@ -66,21 +68,26 @@ class Deployment:
             if placement.trainer_ranks > 1 and self.workers == "inprocess":
                 raise PlacementError(
                     f"models.{_quoted(name)}.trainer_ranks: {placement.trainer_ranks} ranks need worker "
-                    "processes (tinker-server --workers local); inprocess runs one"
+                    "processes (tinker-server --workers local or ray); inprocess runs one"
                 )
 
 
-def load_deployment(workers: str, models_file: Path | None) -> Deployment:
-    """The deployment of ``--workers`` and ``--models`` (None: every model with the defaults)."""
+def load_deployment(workers: str, models_file: Path | None, ray_address: str | None = None) -> Deployment:
+    """The deployment of ``--workers``, ``--models`` (None: every model with the defaults) and
+    ``--ray-address``."""
+    if workers == "ray" and importlib.util.find_spec("ray") is None:
+        raise PlacementError("workers: 'ray' needs the ray package (pip install 'open-tinker[ray]')")
+    if ray_address is not None and workers != "ray":
+        raise PlacementError(f"ray_address: only used with --workers ray, got --workers {workers}")
     if models_file is None:
-        return Deployment(workers)  # type: ignore[arg-type]  # checked by Deployment
+        return Deployment(workers, {}, ray_address)  # type: ignore[arg-type]  # checked by Deployment
     try:
         document = tomllib.loads(models_file.read_text(encoding="utf-8"))
     except OSError as e:
         raise PlacementError(f"--models: cannot read {models_file}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise PlacementError(f"--models: {models_file} is not valid TOML: {e}") from e
-    return Deployment(workers, parse_models(document))  # type: ignore[arg-type]
+    return Deployment(workers, parse_models(document), ray_address)  # type: ignore[arg-type]
 
 
 def parse_models(document: dict[str, Any]) -> dict[str, ModelPlacement]:

@@ -70,9 +70,20 @@ class TrainerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``engine.method(*args, **kwargs)`` on every rank; rank 0's answer (or its exception)."""
-        for conn in self._conns:
-            conn.send((method, args, kwargs))
+        self._check_alive()
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send((method, args, kwargs))
+            except OSError:  # its pipe broke: the rank is gone (or going)
+                self.processes[rank].join(timeout=5)
+                self._died(rank)
         return self._gather()[0]
+
+    def _check_alive(self) -> None:
+        """Raise ``WorkerDied`` (stopping the group) if a rank has died since the last call."""
+        for rank, process in enumerate(self.processes):
+            if not process.is_alive():
+                self._died(rank)
 
     def _gather(self, timeout: float | None = None) -> list[Any]:
         """Each rank's answer, failing fast (and stopping the group) when a rank dies."""
@@ -113,6 +124,9 @@ class TrainerGroup:
     def alive(self) -> bool:
         return bool(self.processes) and all(process.is_alive() for process in self.processes)
 
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes if process.pid is not None]
+
     def stop(self) -> None:
         """Ask the ranks to exit, kill those that do not; idempotent."""
         for conn in self._conns:
@@ -133,35 +147,57 @@ class TrainerGroup:
 
 def _rank_main(rank: int, spec: GroupSpec, init_file: str, conn: multiprocessing.connection.Connection) -> None:
     """One rank: join the process group, build the sharded engine, serve calls until told to stop."""
-    import torch
     import torch.distributed as dist
 
-    from tinker_backend.engine.sharded import ShardedModelEngine, picklable
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.ranks))  # the ranks share the cores
-    device = spec.devices[rank] if spec.devices else (f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{rank}"
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=spec.ranks,
-                            init_method=f"file://{init_file}")
     try:
-        dtype = getattr(torch, spec.dtype) if spec.dtype else None
         try:
-            engine = ShardedModelEngine(spec.model_name, spec.model_path, device, dtype=dtype, **spec.engine_options)
+            engine = build_rank_engine(rank, spec, f"file://{init_file}", rank_device(rank, spec))
         except Exception as e:
-            conn.send(("error", picklable(e)))
+            conn.send(("error", picklable_error(e)))
             return
         conn.send(("ok", {"vocab_size": engine.vocab_size, "max_context_length": engine.max_context_length}))
         while (message := conn.recv()) is not None:
-            method, args, kwargs = message
-            try:
-                conn.send(("ok", getattr(engine, method)(*args, **kwargs)))
-            except Exception as e:
-                conn.send(("error", picklable(e)))
+            conn.send(run_call(engine, *message))
     except EOFError:  # the parent went away
         pass
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_device(rank: int, spec: GroupSpec) -> str:
+    """``spec.devices[rank]``; by default ``cuda:<rank>`` where CUDA is, else cpu."""
+    import torch
+
+    device = spec.devices[rank] if spec.devices else ("cuda" if torch.cuda.is_available() else "cpu")
+    return f"cuda:{rank}" if device == "cuda" else device
+
+
+def build_rank_engine(rank: int, spec: GroupSpec, init_method: str, device: str) -> Any:
+    """Join the group's ``torch.distributed`` group and build this rank's ``ShardedModelEngine``."""
+    import torch
+    import torch.distributed as dist
+
+    from tinker_backend.engine.sharded import ShardedModelEngine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.ranks))  # the ranks share the cores
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=spec.ranks, init_method=init_method)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else None
+    return ShardedModelEngine(spec.model_name, spec.model_path, device, dtype=dtype, **spec.engine_options)
+
+
+def run_call(engine: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """``("ok", engine.method(...))``, or ``("error", the exception)`` in a picklable form."""
+    try:
+        return "ok", getattr(engine, method)(*args, **kwargs)
+    except Exception as e:
+        return "error", picklable_error(e)
+
+
+def picklable_error(error: Exception) -> Exception:
+    from tinker_backend.engine.sharded import picklable
+
+    return picklable(error)

@@ -1,4 +1,4 @@
-"""``--workers local``: a base model's trainer runs as a ``TrainerGroup`` of local processes.
+"""``--workers local`` and ``ray``: a base model's trainer runs as a group of worker processes.
 
 ``GroupEngine`` is the scheduler's engine for such a model: training calls go to the group
 (every rank, SPMD), sampling stays in the server process on a torch ``ModelEngine`` of its own
@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, SampleResponse, SamplingParams
 from tinker_backend.engine.protocol import Engine, FwdBwdItem, StepSampler
@@ -28,15 +28,41 @@ from tinker_backend.workers.group import GroupSpec, TrainerGroup, WorkerDied
 logger = logging.getLogger("tinker_backend.workers")
 
 
+class Group(Protocol):
+    """A started trainer group: ``TrainerGroup`` (local processes) or ``RayTrainerGroup``."""
+
+    vocab_size: int
+    max_context_length: int
+
+    def call(self, method: str, *args: Any) -> Any: ...
+
+    def alive(self) -> bool: ...
+
+    def pids(self) -> list[int]: ...
+
+    def stop(self) -> None: ...
+
+
 class GroupEngine:
     """The :class:`~tinker_backend.engine.protocol.Engine` of a model trained by a group."""
 
-    def __init__(self, spec: GroupSpec, make_sampler_engine: Callable[[], Engine], publish_dir: Path) -> None:
-        """``make_sampler_engine`` builds the in-server sampling engine;
-        ``publish_dir`` is where the group writes the adapters it publishes for sampling."""
+    def __init__(
+        self,
+        spec: GroupSpec,
+        make_sampler_engine: Callable[[], Engine],
+        publish_dir: Path,
+        *,
+        placement: str = "local",
+        start_group: Callable[[GroupSpec], Group] = TrainerGroup,
+    ) -> None:
+        """``make_sampler_engine`` builds the in-server sampling engine; ``publish_dir`` is where
+        the group writes the adapters it publishes for sampling; ``start_group`` starts a group
+        (``TrainerGroup``: local processes; ``ray_group.RayTrainerGroup``: Ray actors)."""
         self.spec = spec
+        self.placement = placement
         self.restarts = 0
-        self._group: TrainerGroup | None = TrainerGroup(spec)
+        self._start_group = start_group
+        self._group: Group | None = start_group(spec)
         self.vocab_size = self._group.vocab_size
         self.max_context_length = self._group.max_context_length
         self.sampling = make_sampler_engine()  # now, on the compute thread: sampling starts on the event loop
@@ -49,10 +75,10 @@ class GroupEngine:
     # -- the group ----------------------------------------------------------------------------
 
     def _call(self, method: str, *args: Any) -> Any:
-        if self._group is None or not self._group.alive():
+        if self._group is None:  # lost (its error was answered): a new group
             self._restart()
         assert self._group is not None
-        try:
+        try:  # a rank that died while the group was idle fails this call, naming it
             return self._group.call(method, *args)
         except WorkerDied as e:
             self._group = None
@@ -66,35 +92,31 @@ class GroupEngine:
         return lost
 
     def _restart(self) -> None:
-        if self._group is not None:
-            self._group.stop()
         self.restarts += 1
         logger.warning("starting trainer group of %s again (restart %d)", self.spec.model_name, self.restarts)
         self._adapters.clear()
-        self._group = TrainerGroup(self.spec)
+        self._group = self._start_group(self.spec)
 
     def health(self) -> dict[str, Any]:
         """The group's state for ``/api/v1/healthz``: ranks, their pids, alive or not, restarts."""
         group = self._group
         return {
-            "placement": "local",
+            "placement": self.placement,
             "trainer_ranks": self.spec.ranks,
             "alive": group is not None and group.alive(),
-            "pids": [p.pid for p in group.processes] if group is not None else [],
+            "pids": group.pids() if group is not None else [],
             "restarts": self.restarts,
         }
 
     def rank_pid(self, rank: int) -> int:
         """The process id of ``rank`` of the current group."""
         assert self._group is not None
-        pid = self._group.processes[rank].pid
-        assert pid is not None
-        return pid
+        return self._group.pids()[rank]
 
     # -- training -----------------------------------------------------------------------------
 
     def has_adapter(self, adapter_id: str) -> bool:
-        return adapter_id in self._adapters and self._group is not None and self._group.alive()
+        return adapter_id in self._adapters
 
     def create_adapter(self, adapter_id: str, config: LoraConfig) -> LoraConfig:
         config = self._call("create_adapter", adapter_id, config)
