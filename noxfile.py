@@ -91,6 +91,8 @@ def compat(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def distributed(session: nox.Session) -> None:
     """Trainer groups in worker processes: FSDP2 over gloo ranks equals the single process,
-    ``--workers local`` end to end and its kill -9 fault test (tests/distributed, docs/scaling.md)."""
-    install(session)
+    ``--workers local`` and ``ray`` end to end with their kill -9 fault tests (tests/distributed,
+    docs/scaling.md)."""
+    session.install(TORCH)
+    session.install("-e", ".[dev,ray]")
     session.run("pytest", "tests/distributed", *session.posargs, env={"TINKER_DISTRIBUTED": "1"})
