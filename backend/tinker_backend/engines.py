@@ -170,8 +170,18 @@ class EnginePool:
         return model_registry.list_models()
 
     def close(self) -> None:
+        if self.deployment.workers == "ray" and self._groups:
+            from tinker_backend.workers import ray_group
+
+            ray_group.cancel_abort_alarm()
         for scheduler in self._schedulers.values():
             scheduler.close()
+        for group in self._groups.values():  # their worker processes or actors
+            group.close()
+        if self.deployment.workers == "ray" and self._groups:
+            from tinker_backend.workers import ray_group
+
+            ray_group.disconnect()  # before exit, or Ray's own exit handler aborts the process
 
 
 def _safe_name(name: str) -> str:

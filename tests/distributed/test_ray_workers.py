@@ -28,12 +28,15 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     root = tmp_path_factory.mktemp("ray-workers")
     models = root / "models.toml"
     models.write_text(f'[models."{TINY}"]\ntrainer_ranks = 2\n')
-    # A local test cluster: no token file written to ~/.ray (Ray 2.60 turns auth on by default).
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # A local test cluster: no token file written to ~/.ray (Ray 2.60 turns auth on by default),
+    # and no memory monitor (on a busy test machine it kills actors when the whole host is full).
+    test_env = {"RAY_AUTH_MODE": "disabled", "RAY_memory_monitor_refresh_ms": "0"}
+    os.environ.update(test_env)
     try:
         proc = ServerProcess(root / "data", "--workers", "ray", "--models", str(models))
     finally:
-        del os.environ["RAY_AUTH_MODE"]
+        for key in test_env:
+            del os.environ[key]
     yield proc
     assert proc.stop() == 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from typing import Any
 
@@ -32,6 +33,18 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
+
+
+def cancel_abort_alarm() -> None:
+    """Cancel the abort that Ray's SIGTERM handler arms 3 s ahead (abseil's failure handler,
+    ray-project/ray#64830): stopping the groups and Ray itself takes longer than that."""
+    signal.alarm(0)
+
+
+def disconnect() -> None:
+    """Leave Ray (stopping the local Ray that ``connect`` started, if it did)."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 class _RankActor:
