@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from conftest import TINY, ServerProcess
 
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
+from tinker_backend.model_registry import resolve_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -113,5 +116,29 @@ def test_kill_9_of_a_rank_fails_fast_and_the_run_resumes_from_its_save(local_ser
         assert set(after["pids"]).isdisjoint(before["pids"])
         tc.forward_backward(data, "cross_entropy").result()
         tc.optim_step(AdamParams(learning_rate=1e-2)).result()  # and it trains on
+    finally:
+        service.close().result(timeout=30)
+
+
+def test_two_base_models_train_on_separate_groups(local_server: ServerProcess, tmp_path: Path) -> None:
+    """A second base model (a copy of tiny-llama's folder, default placement: a 1-rank group)
+    gets its own group beside tiny-llama's 2 ranks; the same seed and data give the same losses."""
+    copy = tmp_path / "tiny-copy"
+    shutil.copytree(resolve_model(TINY), copy)
+    service = tinker.ServiceClient(base_url=local_server.base_url)
+    try:
+        clients = [service.create_lora_training_client(name, rank=4, seed=11) for name in (TINY, str(copy))]
+        tokens = clients[0].get_tokenizer().encode(TEXT, add_special_tokens=False)
+        losses: list[list[float]] = [[], []]
+        for _ in range(2):
+            pending = [(tc.forward_backward([datum_of(tokens)], "cross_entropy"),
+                        tc.optim_step(AdamParams(learning_rate=1e-2))) for tc in clients]
+            for i, (fb, step) in enumerate(pending):
+                losses[i].append(fb.result().metrics["loss:sum"])
+                step.result()
+        np.testing.assert_allclose(losses[1], losses[0], rtol=RTOL)
+        workers = healthz(local_server)["workers"]
+        assert workers[TINY]["trainer_ranks"] == 2 and workers[str(copy)]["trainer_ranks"] == 1
+        assert workers[str(copy)]["alive"] and set(workers[TINY]["pids"]).isdisjoint(workers[str(copy)]["pids"])
     finally:
         service.close().result(timeout=30)
