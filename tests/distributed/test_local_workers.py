@@ -103,6 +103,11 @@ def test_kill_9_of_a_rank_fails_fast_and_the_run_resumes_from_its_save(local_ser
 
         os.kill(before["pids"][1], signal.SIGKILL)
         started = time.monotonic()
+        while f"rank 1 (pid {before['pids'][1]}) died" not in local_server.log.read_text():
+            assert time.monotonic() - started < 5, "the death of an idle rank was not logged within 5 s"
+            time.sleep(0.05)
+        assert not healthz(local_server)["workers"][TINY]["alive"]
+        started = time.monotonic()
         with pytest.raises(tinker.RequestFailedError) as info:  # the client's error for a 5xx
             tc.forward_backward(data, "cross_entropy").result(timeout=60)
         assert time.monotonic() - started < 10  # detected at once, never a hang

@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,17 @@ class TrainerGroup:
             raise
         self.vocab_size: int = infos[0]["vocab_size"]
         self.max_context_length: int = infos[0]["max_context_length"]
+        self._stopping = False
+        threading.Thread(target=self._watch, name=f"watch-{spec.model_name[-24:]}", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Log a rank's death when it happens, even while the group is idle (its next call fails)."""
+        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
+        [first, *_] = multiprocessing.connection.wait(list(sentinels))
+        if not self._stopping:
+            process = self.processes[sentinels[first]]  # type: ignore[index]
+            logger.error("%s: rank %d (pid %s) died with exit code %s; the next request fails and starts a new group",
+                         self.describe(), sentinels[first], process.pid, process.exitcode)  # type: ignore[index]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``engine.method(*args, **kwargs)`` on every rank; rank 0's answer (or its exception)."""
@@ -129,6 +141,7 @@ class TrainerGroup:
 
     def stop(self) -> None:
         """Ask the ranks to exit, kill those that do not; idempotent."""
+        self._stopping = True
         for conn in self._conns:
             try:
                 conn.send(None)
