@@ -14,8 +14,10 @@ plain dicts, not as parameters). A clock cycle's merged pass is split across the
 FSDP2 all-gathers each block's shard in the forward and again in the backward, and every rank
 must issue the same collectives in the same order. So every rank runs exactly one forward per
 cycle (a rank with no share runs a one-token idle row), every rank runs a backward when any
-does (an idle row with zero loss weight), and the input embeddings require grad so that every
-block takes part in every backward, whatever modules the adapters of a rank's share train.
+does (each rank's batch then holds a one-token row with zero loss weight, whose loss cannot
+fail, so the backward runs even if the rank's own losses all failed), and the input
+embeddings require grad so that every block takes part in every backward, whatever modules
+the adapters of a rank's share train.
 The result equals the single-process engine's up to float summation order.
 """
 
@@ -87,9 +89,10 @@ class ShardedModelEngine(ModelEngine):
         trained = sorted({item.key for item in prepared if item.backward})
         had_grad = {key: any(p.grad is not None for p in adapters[key].parameters()) for key in trained}
         local = list(mine)
-        if not local or (trained and not any(item.backward for item in local)):
-            key = trained[0] if trained else prepared[0].key
-            local.append(_idle_item(key, bool(trained), self.device))
+        if trained:  # always, even beside real rows: a rank whose own losses all fail still runs the backward
+            local.append(_idle_item(trained[0], True, self.device))
+        elif not local:
+            local.append(_idle_item(prepared[0].key, False, self.device))
         outputs = forward_backward_batch(self.model, self.routing, local, adapters)
         gathered: list[Any] = [None] * self.world_size
         mine_outputs = zip(shares[self.rank], outputs[: len(mine)], strict=True)  # not the idle row's
