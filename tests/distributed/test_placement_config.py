@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import TINY, ServerProcess, free_port
 
+import tinker
+from tinker import Datum, LoraConfig, ModelInput
+from tinker_backend.engine.model_engine import ModelEngine
+from tinker_backend.model_registry import resolve_model
 from tinker_backend.workers.config import (
     Deployment,
     ModelPlacement,
@@ -105,3 +109,31 @@ def test_server_refuses_a_bad_file_before_loading_anything(tmp_path: Path) -> No
     assert "models.\\\"tiny-llama\\\".sampler: expected one of ['torch', 'vllm'], got 'tgi'" in result.stderr
     assert not (tmp_path / "d").exists()  # nothing was made, let alone loaded
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_inprocess_server_applies_a_models_placement(tmp_path: Path) -> None:
+    """A model's ``max_adapter_slots`` bounds its clock cycles (four runs pipelined together run
+    one per cycle; by default they share cycles) and its ``dtype`` is the one it computes in."""
+    path = tmp_path / "models.toml"
+    path.write_text(f'[models."{TINY}"]\nmax_adapter_slots = 1\ndtype = "bfloat16"\n')
+    data = [Datum(model_input=ModelInput.from_ints([1, 2, 3, 4, 5]),
+                  loss_fn_inputs={"target_tokens": [2, 3, 4, 5, 6], "weights": [1.0] * 5})]
+    reference = ModelEngine(TINY, resolve_model(TINY))  # fp32, the default on CPU
+    reference.create_adapter("r", LoraConfig(rank=4, seed=0))
+    fp32_loss = reference.forward_backward("r", data, "cross_entropy", None, False).metrics["loss:sum"]
+    server = ServerProcess(tmp_path / "data", "--models", str(path))
+    service = tinker.ServiceClient(base_url=server.base_url)
+    try:
+        clients = [service.create_lora_training_client(TINY, rank=4, seed=i) for i in range(4)]
+        for _ in range(2):
+            futures = [tc.forward_backward(data, "cross_entropy") for tc in clients]
+            outputs = [f.result() for f in futures]
+            assert [out.metrics["cycle_runs:max"] for out in outputs] == [1.0] * 4
+        bf16_loss = clients[0].forward(data, "cross_entropy").result().metrics["loss:sum"]
+        assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=5e-2)
+    finally:
+        service.close().result(timeout=30)
+        assert server.stop() == 0
