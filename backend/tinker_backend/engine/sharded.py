@@ -87,7 +87,12 @@ class ShardedModelEngine(ModelEngine):
         shares = split_items([sum(len(t) for t in item.tokens) for item in prepared], self.world_size)
         mine = [prepared[i] for i in shares[self.rank]]
         trained = sorted({item.key for item in prepared if item.backward})
-        had_grad = {key: any(p.grad is not None for p in adapters[key].parameters()) for key in trained}
+        # Gradients accumulated before this pass are the same on every rank: set aside, so that
+        # only this pass's are summed over the ranks, then added back.
+        earlier = {key: [p.grad for p in adapters[key].parameters()] for key in trained}
+        for key in trained:
+            for p in adapters[key].parameters():
+                p.grad = None
         local = list(mine)
         if trained:  # always, even beside real rows: a rank whose own losses all fail still runs the backward
             local.append(_idle_item(trained[0], True, self.device))
@@ -106,9 +111,12 @@ class ShardedModelEngine(ModelEngine):
         for key in trained:  # as in the single process: an adapter whose every item failed keeps its state
             failed = all(isinstance(results[i], Exception) for i, item in enumerate(prepared)
                          if item.key == key and item.backward)
-            if failed and not had_grad[key]:
-                for p in adapters[key].parameters():
-                    p.grad = None
+            for p, grad in zip(adapters[key].parameters(), earlier[key], strict=True):
+                if failed:
+                    p.grad = grad
+                elif grad is not None:
+                    assert p.grad is not None  # _reduce_grads gave every parameter one
+                    p.grad = grad + p.grad
         return [result for result in results if result is not None]  # every item has its result
 
     @staticmethod
