@@ -108,11 +108,6 @@ class GroupEngine:
             "restarts": self.restarts,
         }
 
-    def rank_pid(self, rank: int) -> int:
-        """The process id of ``rank`` of the current group."""
-        assert self._group is not None
-        return self._group.pids()[rank]
-
     # -- training -----------------------------------------------------------------------------
 
     def has_adapter(self, adapter_id: str) -> bool:
