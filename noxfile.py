@@ -106,3 +106,10 @@ def console(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[dev,console]")
     session.run("pytest", "tests/console/test_console.py", "tests/console/test_notebook.py", *session.posargs)
+def distributed(session: nox.Session) -> None:
+    """Trainer groups in worker processes: FSDP2 over gloo ranks equals the single process,
+    ``--workers local`` and ``ray`` end to end with their kill -9 fault tests (tests/distributed,
+    docs/scaling.md)."""
+    session.install(TORCH)
+    session.install("-e", ".[dev,ray]")
+    session.run("pytest", "tests/distributed", *session.posargs, env={"TINKER_DISTRIBUTED": "1"})

@@ -20,6 +20,7 @@ from tinker_backend.compat import add_routes as add_tinker_http_routes
 from tinker_backend.limits import Limits
 from tinker_backend.request_handler import RequestHandler
 from tinker_backend.tenancy import KeyLimits
+from tinker_backend.workers.config import Deployment
 
 logger = logging.getLogger("tinker_backend.api")
 
@@ -32,7 +33,9 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    backend = request.app.get(BACKEND_KEY)
+    workers = backend.engines.health() if backend is not None else {}  # worker processes, if any
+    return web.json_response({"status": "ok", **({"workers": workers} if workers else {})})
 
 
 async def native_ws(request: web.Request) -> web.WebSocketResponse:
@@ -96,11 +99,13 @@ def make_app(
     max_request_bytes: int = MAX_FRAME_BYTES,
     sampler: str | None = None,
     admin_owners: tuple[str, ...] = (),
+    deployment: Deployment | None = None,
 ) -> web.Application:
     """The server's app. Keys: ``api_keys``, ``keys_file`` and the store's table (``auth``);
     per-key limits and session expiry: ``tenancy``; ``max_request_bytes``: per native frame
     and per HTTP body; ``sampler``: the sampling engine (``RequestHandler``); ``admin_owners``:
-    who sees the console's server page (``console``)."""
+    who sees the console's server page (``console``); ``deployment``: where each base model's
+    trainer runs (``workers``)."""
     app = web.Application(
         client_max_size=max_request_bytes, middlewares=[metrics.middleware(BACKEND_KEY), auth.auth_middleware]
     )
@@ -114,6 +119,7 @@ def make_app(
             session_timeout_s=session_timeout_s,
             allow_local_models=allow_local_models,
             sampler=sampler,
+            deployment=deployment,
         )
         app[BACKEND_KEY] = backend_holder["backend"]
         app[auth.KEYRING_KEY] = auth.KeyRing(backend_holder["backend"].store, api_keys, keys_file)

@@ -1,6 +1,7 @@
 """``tinker-server``: serve both protocols on one port; ``tinker-server keys ...``: manage API keys.
 
     tinker-server --data-dir DIR [--host H --port P] [--api-key KEY ...] [--keys-file F] ...
+    tinker-server --workers local --models models.toml ...   # placements: docs/scaling.md
     tinker-server keys create [--owner NAME] --data-dir DIR   # prints a new tml-... key once
     tinker-server keys list --data-dir DIR
     tinker-server keys revoke KEY_ID --data-dir DIR
@@ -22,6 +23,7 @@ from tinker_backend import auth, limits
 from tinker_backend.api import MAX_FRAME_BYTES, make_app
 from tinker_backend.store import Store
 from tinker_backend.tenancy import KeyLimits
+from tinker_backend.workers.config import WORKER_KINDS, PlacementError, load_deployment
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=["torch", "vllm"], default=None,
                         help="sampling engine: torch (continuous batching) or vllm, which needs vllm "
                         "installed; default $TINKER_SAMPLER, else torch (docs/sampling.md)")
+    parser.add_argument("--workers", choices=list(WORKER_KINDS), default="inprocess",
+                        help="where base models train: inprocess (this process, the default), local "
+                        "(supervised worker processes, trainer_ranks of them per model) or ray (Ray actors; "
+                        "needs the [ray] extra; docs/scaling.md)")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --workers ray: the Ray cluster to join (e.g. 10.0.0.1:6379); default: "
+                        "start a local Ray")
+    parser.add_argument("--models", type=Path, metavar="FILE",
+                        help="TOML placement per base model: trainer_ranks, sampler, devices, dtype, "
+                        "max_adapter_slots (docs/scaling.md); checked before anything loads")
     limits.add_arguments(parser)
     _add_tenancy_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -163,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     if problem is not None:
         log.error(problem)
         sys.exit(2)
+    try:
+        deployment = load_deployment(args.workers, args.models, args.ray_address)
+    except PlacementError as e:
+        log.error("%s", e)
+        sys.exit(2)
     app = make_app(
         args.data_dir,
         limits=limits.from_args(args),
@@ -174,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         allow_local_models=args.allow_local_models or not _has_keys(args),
         max_request_bytes=args.max_request_bytes or MAX_FRAME_BYTES,
         sampler=args.sampler,
+        deployment=deployment,
     )
     log.info("serving on http://%s:%d (data dir %s)", args.host, args.port, args.data_dir.resolve())
     # run_app handles SIGINT and SIGTERM: it stops accepting, runs cleanup, and exits 0.

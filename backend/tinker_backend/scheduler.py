@@ -90,7 +90,10 @@ class ModelScheduler:
     async def compute(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` on the compute thread (FIFO with clock cycles)."""
         engine = await self.engine()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, engine)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, engine)
+        finally:
+            self._drop_runs_if_lost(engine)
 
     async def sample(self, submit: Callable[[Engine], concurrent.futures.Future[Any]]) -> Any:
         """Queue a sample request with the engine's sampler and wait for its answer.
@@ -230,6 +233,16 @@ class ModelScheduler:
         )
         for item, outcome in outcomes:
             _settle(item.future, outcome)
+        self._drop_runs_if_lost(engine)
+
+    def _drop_runs_if_lost(self, engine: Engine) -> None:
+        """An engine on worker processes (``workers.local``) whose workers died lost every run's
+        adapter: forget the runs (failing their waiting requests), so each reloads on next use."""
+        take_lost = getattr(engine, "take_lost", None)
+        lost = take_lost() if take_lost is not None else None
+        if lost is not None:
+            for run_id in list(self._runs):
+                self.remove_run(run_id, lost)
 
     def close(self) -> None:
         if self._task is not None:

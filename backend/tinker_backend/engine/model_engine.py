@@ -244,12 +244,27 @@ class ModelEngine:
         if prepared:
             by_key = {a.key: a for a in self._adapters.resident()}
             try:
-                outputs = forward_backward_batch(self.model, self.routing, prepared, by_key)
+                outputs = self._run_batch(prepared, by_key)
             except Exception as e:  # the shared pass failed (e.g. out of memory): all of it failed
                 outputs = [e] * len(prepared)
             for i, output in zip(positions, outputs, strict=True):
                 results[i] = output
         return [result for result in results if result is not None]  # every item has its result
+
+    def _run_batch(
+        self, prepared: list[PreparedItem], adapters: dict[str, TrainableAdapter]
+    ) -> list[ForwardBackwardOutput | Exception]:
+        """The merged pass of a cycle's valid items (a sharded engine splits it over its ranks)."""
+        return forward_backward_batch(self.model, self.routing, prepared, adapters)
+
+    def gradients(self, adapter_id: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The gradients accumulated since the last ``optim_step`` (A, B per module path; None:
+        none yet), as CPU copies: for diagnostics and tests."""
+        adapter = self._adapter(adapter_id)
+        return {
+            path: tuple(None if p.grad is None else p.grad.detach().cpu().clone() for p in pair)  # type: ignore[misc]
+            for path, pair in adapter.weights.items()
+        }
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
         """Apply AdamW with ``params`` to the accumulated gradients, then clear them.
