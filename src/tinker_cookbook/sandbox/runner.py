@@ -22,6 +22,7 @@ machine that trains it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -145,6 +146,4 @@ def run_python(source: str, limits: Limits | None = None) -> RunResult:
 
 async def run_python_async(source: str, limits: Limits | None = None) -> RunResult:
     """:func:`run_python` in a worker thread, so an event loop keeps running while the program does."""
-    import asyncio
-
     return await asyncio.to_thread(run_python, source, limits)
