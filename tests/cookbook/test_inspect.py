@@ -22,9 +22,11 @@ from inspect_ai.solver import generate  # noqa: E402
 import tinker  # noqa: E402
 import tinker_cookbook.eval.inspect_provider  # noqa: E402, F401 (registers tinker/)
 from tinker_cookbook.eval.inspect_evaluator import InspectEvaluator  # noqa: E402
+from tinker_cookbook.recipes.chat_sl.data import LibraryChatBuilder  # noqa: E402
 from tinker_cookbook.recipes.math_rl.envs import MathDatasetBuilder  # noqa: E402
 from tinker_cookbook.renderers import Message, get_recommended_renderer_name, get_renderer  # noqa: E402
 from tinker_cookbook.rl import train  # noqa: E402
+from tinker_cookbook.supervised import train as supervised_train  # noqa: E402
 from tinker_cookbook.utils.plotting import read_metrics  # noqa: E402
 
 from .conftest import TINY  # noqa: E402
@@ -143,6 +145,20 @@ def test_evaluator_runs_the_task_every_n_steps_of_the_rl_loop(tmp_path, embedded
     assert scored == sorted(set(scored)) and len(scored) >= 2
     assert all(0.0 <= r["inspect/sums/match/accuracy"] <= 1.0 for r in rows if "inspect/sums/match/accuracy" in r)
     assert len(list((tmp_path / "inspect").glob("*.eval"))) == len(scored)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # 2 SFT steps on the tiny model with an inspect run at 0 and the end
+def test_evaluator_in_a_supervised_loop(tmp_path, embedded):
+    evaluator = InspectEvaluator(sums_task(), log_dir=str(tmp_path / "inspect"), max_tokens=6)
+    config = supervised_train.Config(
+        log_path=str(tmp_path / "run"), model_name=TINY, dataset_builder=LibraryChatBuilder(4, 8, 0),
+        learning_rate=1e-3, max_steps=2, lora_rank=4, seed=0, save_every=0, eval_every=2,
+        evaluators=[evaluator.on_training_client()],
+    )
+    asyncio.run(supervised_train.main(config))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "inspect/sums/match/accuracy" in r] == [0, 2]
 
 
 def test_evaluator_wants_a_task(tmp_path):

@@ -8,7 +8,9 @@ sampler, through the ``tinker`` inspect provider (:mod:`.inspect_provider`)::
     config = rl.train.Config(..., evaluators=[evaluator], eval_every=5)
 
 Each call returns ``{"inspect/<task>/<scorer>/<metric>": value}`` (e.g.
-``inspect/arithmetic/match/accuracy``); inspect's own logs go to ``log_dir``.
+``inspect/arithmetic/match/accuracy``); inspect's own logs go to ``log_dir``. Supervised loops
+take training-client evaluators: ``evaluator.on_training_client()`` snapshots the weights into
+a sampler first (``supervised.train.Config(evaluators=[...])``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import tinker
-from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
+from tinker_cookbook.eval.evaluators import SamplingClientEvaluator, TrainingClientEvaluator
 
 
 class InspectEvaluator(SamplingClientEvaluator):
@@ -35,6 +37,10 @@ class InspectEvaluator(SamplingClientEvaluator):
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
+
+    def on_training_client(self) -> TrainingClientEvaluator:
+        """This evaluator for loops that hand evaluators the training client (supervised ones)."""
+        return _SnapshotThen(self)
 
     async def __call__(self, sampling_client: tinker.SamplingClient) -> dict[str, float]:
         from inspect_ai import eval_async
@@ -55,3 +61,11 @@ class InspectEvaluator(SamplingClientEvaluator):
             for name, metric in score.metrics.items():
                 metrics[f"inspect/{self.task.name}/{score.name}/{name}"] = float(metric.value)
         return metrics
+
+
+class _SnapshotThen(TrainingClientEvaluator):
+    def __init__(self, evaluator: SamplingClientEvaluator) -> None:
+        self.evaluator = evaluator
+
+    async def __call__(self, training_client: tinker.TrainingClient) -> dict[str, float]:
+        return await self.evaluator(training_client.save_weights_and_get_sampling_client())
