@@ -4,7 +4,6 @@ harm it tried did not happen (no file, no stray process, no connection, the test
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -29,8 +28,8 @@ def processes_running(marker: bytes) -> list[int]:
 
 
 def sandbox_processes() -> list[int]:
-    """Processes still running the sandbox launcher, or the ``sleep 60`` the fork bombs try."""
-    return processes_running(b"tinker_cookbook/sandbox/_child.py") + processes_running(b"sleep\x0060\x00")
+    """Processes still running the sandbox launcher, or the ``sleep 3737`` the fork bombs try."""
+    return processes_running(b"tinker_cookbook/sandbox/_child.py") + processes_running(b"sleep\x003737\x00")
 
 
 def as_answer(body: str) -> float:
@@ -62,8 +61,8 @@ def test_sleeping_forever_is_killed_at_the_wall_clock_limit():
 
 @pytest.mark.parametrize("bomb", [
     "import os\nwhile True:\n    os.fork()",
-    "import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '60'])",
-    "import os\nos.system('sleep 60 &')",
+    "import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '3737'])",
+    "import os\nos.system('sleep 3737 &')",
     "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,)).start()",
 ])
 def test_fork_bombs_start_nothing(bomb):
