@@ -15,21 +15,22 @@ from tinker_cookbook.sandbox import Limits, run_python
 FAST = Limits(wall_seconds=4.0, cpu_seconds=1)
 
 
-def processes_running(marker: bytes) -> list[int]:
+def processes_running(marker: bytes, parent: int | None = None) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if marker in (entry / "cmdline").read_bytes():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if marker in (entry / "cmdline").read_bytes() and parent in (None, ppid):
                     pids.append(int(entry.name))
-            except OSError:
+            except (OSError, IndexError, ValueError):
                 pass
     return pids
 
 
 def sandbox_processes() -> list[int]:
-    """Processes still running the sandbox launcher, or the ``sleep 3737`` the fork bombs try."""
-    return processes_running(b"tinker_cookbook/sandbox/_child.py") + processes_running(b"sleep\x003737\x00")
+    """This test's sandbox launchers still running, or the ``sleep 3737`` the fork bombs try, anywhere."""
+    return processes_running(b"tinker_cookbook/sandbox/_child.py", os.getpid()) + processes_running(b"sleep\x003737\x00")
 
 
 def as_answer(body: str) -> float:
