@@ -87,5 +87,5 @@ def test_chat_sl_recipe_lowers_held_out_nll(tmp_path):
     rows = read_metrics(log_path / "metrics.jsonl")
     assert [r["step"] for r in rows if "train_mean_nll" in r] == list(range(6))
     nll = [r["test/nll"] for r in rows if "test/nll" in r]
-    # Measured 7.63 -> 5.03 (all_assistant_messages); the bound leaves a wide margin.
+    # Measured 7.63 -> 6.50 -> 5.73 (7.63 -> 5.03 with all_assistant_messages); a fall of 1.0 leaves margin.
     assert len(nll) == 3 and nll[-1] < nll[0] - 1.0, nll
