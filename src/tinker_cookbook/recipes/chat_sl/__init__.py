@@ -1,0 +1,1 @@
+"""Multi-turn chat SFT on generated library conversations (see ``train``)."""
