@@ -47,7 +47,15 @@ __all__ = [
     "resolve_loss_config",
 ]
 
-LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
+LOSS_FNS: tuple[str, ...] = (
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+)
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 MAX_NUM_SAMPLES = 128
 MAX_TOPK_PROMPT_LOGPROBS = 20
@@ -64,10 +72,16 @@ _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cispo": _RL_INPUTS,
     "dro": _RL_INPUTS,
     "gspo": _RL_INPUTS,
+    # The sampler's logprobs come from the server's records, named by provenance spans.
+    "stable_reinforce": ("target_tokens", "advantages"),
 }
 # Inputs a loss uses when present. Any other key in loss_fn_inputs is ignored (the cookbook
 # keeps local-only keys such as "mask" around; ignoring them is harmless).
-_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"gspo": ("sequence_ratio_mask",)}
+_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
+    "gspo": ("sequence_ratio_mask",),
+    # Set by the server from the provenance spans (a client's own values are replaced).
+    "stable_reinforce": ("logprobs", "sampled_mask"),
+}
 
 _LOW, _HIGH = "clip_low_threshold", "clip_high_threshold"
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
@@ -82,6 +96,9 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     # The GSPO paper's clipping ranges (eps_low 3e-4, eps_high 4e-4); Tinker does not
     # publish a default. Sequence ratios stay near 1, so PPO's 0.2 would never clip.
     "gspo": {_LOW: 1.0 - 3e-4, _HIGH: 1.0 + 4e-4},
+    # Not published by Tinker; ours (docs/compat.md): truncated IS weights capped at 2 (TIS,
+    # Yao et al. 2025), tokens whose ratio leaves [0.5, 5] masked (IcePop), no KL term.
+    "stable_reinforce": {"ratio_cap": 2.0, "mask_low": 0.5, "mask_high": 5.0, "kl_coeff": 0.0},
 }
 
 
@@ -137,6 +154,8 @@ def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, Any] | None) 
     * ``gspo``: ``clip_low_threshold=1 - 3e-4``, ``clip_high_threshold=1 + 4e-4``, the
       clipping ranges of the GSPO paper (Zheng et al., 2025); no default is published.
     * ``cross_entropy`` and ``importance_sampling`` take no config.
+    * ``stable_reinforce``: ``ratio_cap=2.0``, ``mask_low=0.5``, ``mask_high=5.0``,
+      ``kl_coeff=0.0`` (ours; Tinker does not publish its objective, see docs/compat.md).
 
     Raises :class:`InvalidInput` for an unknown loss, a key the loss does not take, a value that
     is not a finite number, ``clip_low_threshold < 0``, ``clip_low_threshold >
@@ -165,6 +184,15 @@ def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, Any] | None) 
             )
     if config.get("beta", 0.0) < 0:
         raise InvalidInput("loss_fn_config['beta']", ">= 0", config["beta"])
+    if loss_fn == "stable_reinforce":
+        for key in ("ratio_cap", "mask_high"):
+            if config[key] <= 0:
+                raise InvalidInput(f"loss_fn_config[{key!r}]", "> 0", config[key])
+        if not 0 <= config["mask_low"] < config["mask_high"]:
+            got = f"mask_low={config['mask_low']!r}, mask_high={config['mask_high']!r}"
+            raise InvalidInput("loss_fn_config", "0 <= mask_low < mask_high", described(got))
+        if config["kl_coeff"] < 0:
+            raise InvalidInput("loss_fn_config['kl_coeff']", ">= 0", config["kl_coeff"])
     return config
 
 
