@@ -248,7 +248,7 @@ def _coerce_tensor(key: str, value: object) -> TensorData:
     raise _fail(f"loss_fn_inputs[{key!r}]", "a list, numpy array, torch tensor or TensorData", value)
 
 
-class _Span(_Strict, frozen=True, kw_only=True):
+class _Span(_Strict, kw_only=True):
     sequence_id: str
     offset: int = 0
     length: int

@@ -269,6 +269,12 @@ def check_forward_backward(data: Any, loss_fn: str, loss_fn_config: Mapping[str,
             raise InvalidInput(f"data[{i}].loss_fn_inputs['target_tokens']", "int64 token ids", targets.dtype)
         shapes = {key: tensor.shape or [tensor.numel] for key, tensor in datum.loss_fn_inputs.items()}
         check_loss_inputs(loss_fn, loss_fn_config, shapes, n, i)
+        if loss_fn == "stable_reinforce" and datum.loss_fn_input_spans is None:
+            raise InvalidInput(
+                f"data[{i}].loss_fn_input_spans",
+                "provenance spans naming sampled sequences (required by 'stable_reinforce'; see Datum.with_provenance)",
+                described("none"),
+            )
 
 
 def check_token_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:
