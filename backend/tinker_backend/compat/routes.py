@@ -381,7 +381,6 @@ class TinkerHttpApi:
             "topk_sample_logprobs": body.topk_sample_logprobs != 0,
             "target_prompt_logprobs": body.target_prompt_logprobs is not None,
             "prompt_alt_tokens_k": body.prompt_alt_tokens_k != 0,
-            "record_stability_info": bool(body.record_stability_info),
         }
         for name, asked in unsupported.items():
             if asked:
@@ -399,6 +398,7 @@ class TinkerHttpApi:
                 sampling_params=body.sampling_params,
                 include_prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
                 topk_prompt_logprobs=body.topk_prompt_logprobs,
+                record_stability_info=bool(body.record_stability_info),
             )
             last_n = body.prompt_logprobs_last_n
             if last_n is not None and not (
