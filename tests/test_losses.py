@@ -452,3 +452,19 @@ def test_resolve_config_overrides_one_key_and_returns_floats():
     config = resolve_loss_config("ppo", {"clip_high_threshold": 2})
     assert config == {"clip_low_threshold": 0.8, "clip_high_threshold": 2.0}
     assert type(config["clip_high_threshold"]) is float
+
+
+@pytest.mark.parametrize("key", ["clip_low_threshold", "clip_high_threshold"])
+def test_per_token_clip_thresholds_are_refused_not_ignored(key):
+    shapes = {**_rl_shapes(4), key: (4,)}
+    with pytest.raises(InvalidInput, match=rf"data\[1\]\.loss_fn_inputs\['{key}'\]: expected no per-token clip thresholds"):
+        check_loss_inputs("ppo", None, shapes, n_tokens=4, datum_index=1)
+
+
+def test_stable_reinforce_needs_provenance_spans():
+    from tinker.types import Datum, ModelInput
+    from tinker.validation import check_forward_backward
+
+    datum = Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "advantages": [1.0, 1.0]})
+    with pytest.raises(InvalidInput, match=r"data\[0\]\.loss_fn_input_spans: expected provenance spans"):
+        check_forward_backward([datum], "stable_reinforce", None)

@@ -215,12 +215,20 @@ def check_loss_inputs(
     * Per-token inputs have shape ``[n_tokens]``. For ``cross_entropy`` ``target_tokens``
       may instead be ``[n_tokens, K]`` (top-K soft targets, K >= 1) and ``weights`` must
       then have the same shape. ``gspo``'s optional ``sequence_ratio_mask`` is
-      ``[n_tokens]``. Keys the loss does not use are ignored.
+      ``[n_tokens]``. Keys the loss does not use are ignored, except ``clip_low_threshold``
+      and ``clip_high_threshold``, which are refused (they belong in ``loss_fn_config``).
 
     Raises :class:`InvalidInput` whose field starts with ``data[<datum_index>]``.
     """
     resolve_loss_config(loss_fn, loss_fn_config)
     prefix = f"data[{datum_index}].loss_fn_inputs"
+    for key in (_LOW, _HIGH):  # the Tinker SDK knows them as inputs; silently ignoring them would mislead
+        if key in input_shapes:
+            raise InvalidInput(
+                f"{prefix}[{key!r}]",
+                "no per-token clip thresholds (this server takes them in loss_fn_config)",
+                described("a tensor"),
+            )
     for key in _REQUIRED_INPUTS[loss_fn]:
         if key not in input_shapes:
             raise InvalidInput(f"{prefix}[{key!r}]", f"a tensor (required by {loss_fn!r})", described("nothing"))

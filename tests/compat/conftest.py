@@ -163,9 +163,10 @@ def sdk_env(compat_server: CompatServer) -> Iterator[None]:
 def tiny_tokenizer(sdk_env: None) -> None:
     """Register ``tiny-llama``'s tokenizer with the cookbook, from the folder the server names
     in ``get_info`` (the Hub is never asked)."""
+    from transformers import AutoTokenizer
+
     import tinker
     from tinker_cookbook.tokenizer_utils import register_tokenizer
-    from transformers import AutoTokenizer
 
     with tinker.ServiceClient() as service:
         folder = service.create_lora_training_client(TINY, rank=1).result().get_info().model_data.tokenizer_id

@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 import pytest
+
 from tinker_cookbook import model_info
 from tinker_cookbook.recipes import rl_loop
 from tinker_cookbook.recipes.math_rl import train as math_rl

@@ -308,9 +308,10 @@ def test_bad_input_is_refused_naming_the_field(service: tinker.ServiceClient) ->
         tinker.BadRequestError, match=r"data\[0\]\.model_input\.chunks\[0\]: expected an encoded_text"
     ):
         tc.forward_backward([image], "cross_entropy").result()
-    with pytest.raises(tinker.BadRequestError, match="record_stability_info: not supported"):
-        sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
-        sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt, params = types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=2)
+    with pytest.raises(tinker.BadRequestError, match="prompt_alt_tokens_k: not supported"):
+        sampler.sample(prompt, 1, params, prompt_alt_tokens_k=2).result()
     with pytest.raises(tinker.RequestFailedError, match="unknown checkpoint"):
         service.create_training_client_from_state(f"tinker://{tc.model_id}/weights/missing").result()
 

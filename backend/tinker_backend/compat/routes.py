@@ -515,6 +515,10 @@ def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) ->
         ("POST", "/api/v1/copy_weights", api.unsupported),
         ("PUT", "/api/v1/sessions/{session_id}/project", api.unsupported),
         ("GET", "/api/v1/sessions/{session_id}/trace_export", api.unsupported),
+        ("POST", "/api/v1/sessions/search", api.unsupported),
+        ("GET", "/api/v1/audit", api.unsupported),
+        ("GET", "/api/v1/billing/usage/events", api.unsupported),
+        ("GET", "/api/v1/billing/usage/checkpoints/current", api.unsupported),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, errors_as_json(handler))
