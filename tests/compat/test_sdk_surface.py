@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 import tinker
 from tinker import types
 from tinker.lib.api_future_impl import QueueState
