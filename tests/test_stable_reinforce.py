@@ -193,3 +193,30 @@ def test_the_cap_drops_the_least_recently_used():
     records.resolve(request_naming("s/3/0", [7, 8, 9]), "alice")
     with pytest.raises(ServiceError, match="unknown sequence_id 's/2/0'"):
         records.resolve(request_naming("s/2/0", [7, 8, 9]), "alice")
+
+
+# --- our cookbook's RL loop ---------------------------------------------------------------------
+
+
+def test_cookbook_datums_carry_provenance_over_merged_turns():
+    from tinker_cookbook.completers import TokensWithLogprobs
+    from tinker_cookbook.rl.data_processing import trajectory_to_data
+    from tinker_cookbook.rl.types import Trajectory, Transition
+
+    def turn(ob: list[int], ac: list[int], sid: str) -> Transition:
+        return Transition(ModelInput.from_ints(ob), TokensWithLogprobs(ac, [-0.5] * len(ac), sequence_id=sid), 0.0, False, {})
+
+    # Turn 2's prompt extends turn 1's prompt + action, so both merge into one datum.
+    trajectory = Trajectory([turn([1, 2], [3, 4], "a"), turn([1, 2, 3, 4, 5], [6], "b")], ModelInput.empty())
+    (datum,), _ = trajectory_to_data(trajectory, 1.0)
+    assert datum.model_input_spans == [
+        PromptProvenanceSpan(sequence_id="a", offset=0, length=2),
+        SampledProvenanceSpan(sequence_id="a", length=2),
+        PromptProvenanceSpan(sequence_id="b", offset=4, length=1),
+    ]
+    assert datum.loss_fn_input_spans == [
+        PromptProvenanceSpan(sequence_id="a", offset=1, length=1),
+        SampledProvenanceSpan(sequence_id="a", length=2),
+        PromptProvenanceSpan(sequence_id="b", offset=4, length=1),
+        SampledProvenanceSpan(sequence_id="b", length=1),
+    ]
