@@ -8,6 +8,7 @@ tested on ``StabilityRecords`` with a fake clock.
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -220,3 +221,19 @@ def test_cookbook_datums_carry_provenance_over_merged_turns():
         PromptProvenanceSpan(sequence_id="b", offset=4, length=1),
         SampledProvenanceSpan(sequence_id="b", length=1),
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # 32 RL steps; measured 300 s for 20 of them on a machine at load 12
+def test_cookbook_rl_loop_learns_with_stable_reinforce_async(tmp_path, monkeypatch):
+    """Our RL loop, async (one step off-policy), on the digits task of tests/cookbook/test_rl.py.
+    Measured once: reward 0.07 -> 0.51 at step 10 and 1.0 from step 13."""
+    from cookbook.test_rl import learned, rewards, rl_config
+
+    from tinker_cookbook.rl import train
+
+    monkeypatch.delenv("TINKER_BASE_URL", raising=False)  # the embedded backend
+    config = rl_config(tmp_path, steps=32, loss_fn="stable_reinforce", async_config=train.AsyncConfig(max_steps_off_policy=1))
+    asyncio.run(train.main(config))
+    r = rewards(tmp_path)
+    assert len(r) == 32 and learned(r), r
