@@ -39,10 +39,11 @@ def main() -> None:
 
     server = CompatServer(args.out / "data")
     os.environ["TINKER_BASE_URL"], os.environ["TINKER_API_KEY"] = server.base_url, API_KEY
+    from transformers import AutoTokenizer
+
     import tinker
     from tinker_cookbook.recipes.math_rl import train
     from tinker_cookbook.tokenizer_utils import register_tokenizer
-    from transformers import AutoTokenizer
 
     try:
         with tinker.ServiceClient() as service:  # the tokenizer from the folder the server names
