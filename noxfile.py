@@ -69,6 +69,8 @@ COOKBOOK = "tinker-cookbook==0.6.1"
 COOKBOOK_DEPS = [
     "aiohttp", "anyio", "blobfile", "chz", "cloudpickle", "datasets", "huggingface-hub", "numpy", "pillow",
     "pydantic", "pyrage", "rich", "safetensors", "termcolor", "tiktoken", "tqdm", "transformers",
+    # The cookbook's math-rl extra (its math_rl recipe imports them).
+    "sympy", "pylatexenc", "math-verify",
 ]
 
 

@@ -84,6 +84,23 @@ def ref_gspo(logp, q, adv, low, high, mask=None):
     return value, grad
 
 
+def ref_stable_reinforce(logp, q, adv, mask, ratio_cap, mask_low, mask_high, kl_coeff):
+    """Per token: dropped unless sampled and r in [mask_low, mask_high]; the kept ones count
+    -A * min(r, c) with gradient -A * min(r, c); every sampled one adds kl/2 * (logp - q)^2."""
+    value, grad = 0.0, []
+    for lp, lq, a, m in zip(logp, q, adv, mask, strict=True):
+        g = 0.0
+        if m:
+            r = math.exp(lp - lq)
+            if mask_low <= r <= mask_high:
+                value -= a * min(r, ratio_cap)
+                g -= a * min(r, ratio_cap)
+            value += kl_coeff / 2 * (lp - lq) ** 2
+            g += kl_coeff * (lp - lq)
+        grad.append(g)
+    return value, grad
+
+
 # ---------------------------------------------------------------------------------------------
 # Random datums and the module under test.
 
@@ -215,6 +232,31 @@ def test_gspo_empty_mask_uses_ratio_one():
     assert_matches(got, (-sum(adv), [-a for a in adv]))
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "config",
+    [None, {"ratio_cap": 1.2, "mask_low": 0.3, "mask_high": 2.5, "kl_coeff": 0.1}, {"mask_low": 0.0}],
+)
+def test_stable_reinforce(seed, config):
+    logp, q, adv, mask = random_rl_datum(seed, ratio_spread=1.0)  # ratios beyond cap and mask band
+    resolved = resolve_loss_config("stable_reinforce", config)
+    inputs = {"logprobs": q, "advantages": adv, "sampled_mask": mask}
+    got = run_module("stable_reinforce", logp, inputs, resolved)
+    want = ref_stable_reinforce(
+        logp, q, adv, mask, resolved["ratio_cap"], resolved["mask_low"], resolved["mask_high"], resolved["kl_coeff"]
+    )
+    assert_matches(got, want)
+
+
+def test_stable_reinforce_on_policy_is_reinforce_and_ignores_dummy_q():
+    """r = 1 on sampled tokens: value -sum A, gradient -A; a -inf-like q off the mask is inert."""
+    logp, adv, mask = [-1.0, -2.0, -0.5, -3.0], [0.7, 0.7, -1.5, 2.0], [1.0, 1.0, 1.0, 0.0]
+    q = [-1.0, -2.0, -0.5, -1e30]
+    inputs = {"logprobs": q, "advantages": adv, "sampled_mask": mask}
+    got = run_module("stable_reinforce", logp, inputs, resolve_loss_config("stable_reinforce", None))
+    assert_matches(got, (-(0.7 + 0.7 - 1.5), [-0.7, -0.7, 1.5, 0.0]))
+
+
 @pytest.mark.parametrize(
     ("loss_fn", "reference"),
     [
@@ -241,7 +283,13 @@ def test_reference_gradients_match_finite_differences(loss_fn, reference):
 def test_float32_and_bfloat16(loss_fn):
     """float32 matches the float64 result; bf16 logprobs are computed (and returned) in float32."""
     logp, q, adv, mask = random_rl_datum(seed=7)
-    inputs = {"logprobs": q, "advantages": adv, "weights": mask, "sequence_ratio_mask": mask}
+    inputs = {
+        "logprobs": q,
+        "advantages": adv,
+        "weights": mask,
+        "sequence_ratio_mask": mask,
+        "sampled_mask": mask,
+    }
     config = resolve_loss_config(
         loss_fn, {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1} if loss_fn == "gspo" else None
     )
@@ -259,13 +307,15 @@ def test_float32_and_bfloat16(loss_fn):
     assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "gspo"])
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "gspo", "stable_reinforce"])
 def test_dummy_logprobs_with_zero_advantage_stay_finite(loss_fn):
     """A position with A = 0 contributes exactly 0 even if exp(logp - q) overflows."""
     logp, q, adv = [-0.5, -1.0, -2.0], [-0.4, -float("inf"), -1000.0], [1.5, 0.0, 0.0]
     inputs = {"logprobs": q, "advantages": adv}
     if loss_fn == "gspo":
         inputs["sequence_ratio_mask"] = [1.0, 0.0, 0.0]
+    if loss_fn == "stable_reinforce":
+        inputs["sampled_mask"] = [1.0, 0.0, 0.0]
     value, grad = run_module(loss_fn, logp, inputs, resolve_loss_config(loss_fn, None))
     # Only the first token counts; its ratio exp(-0.1) is unclipped for all three losses.
     want_value, want_grad = ref_importance_sampling(logp[:1], q[:1], adv[:1])
@@ -274,7 +324,7 @@ def test_dummy_logprobs_with_zero_advantage_stay_finite(loss_fn):
 
 def test_datum_loss_rejects_unknown_loss():
     with pytest.raises(InvalidInput, match="stable_reinforce"):
-        datum_loss("stable_reinforce", torch.zeros(2, requires_grad=True), {}, {})
+        datum_loss("custom", torch.zeros(2, requires_grad=True), {}, {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +420,10 @@ def test_cross_entropy_weights_must_match_top_k_targets():
         ("ppo", {"clip_low_threshold": 1.3}, r"clip_low_threshold <= clip_high_threshold.*1.3.*1.2"),
         ("cispo", {"clip_low_threshold": -0.1}, r"clip_low_threshold'\]: expected >= 0, got -0.1"),
         ("dro", {"beta": -0.05}, r"beta'\]: expected >= 0, got -0.05"),
+        ("stable_reinforce", {"ratio_cap": 0.0}, r"ratio_cap'\]: expected > 0, got 0.0"),
+        ("stable_reinforce", {"mask_low": 6.0}, r"0 <= mask_low < mask_high, got mask_low=6.0, mask_high=5.0"),
+        ("stable_reinforce", {"kl_coeff": -1}, r"kl_coeff'\]: expected >= 0, got -1.0"),
+        ("stable_reinforce", {"clip_low_threshold": 0.8}, r"allowed keys: 'kl_coeff', 'mask_high', 'mask_low', 'ratio_cap'"),
     ],
 )
 def test_bad_config_is_named(loss_fn, config, pattern):
@@ -386,6 +440,9 @@ def test_resolve_config_defaults():
     assert resolve_loss_config("ppo", None) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
     assert resolve_loss_config("cispo", None) == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
     assert resolve_loss_config("dro", None) == {"beta": 0.05}
+    assert resolve_loss_config("stable_reinforce", None) == {
+        "ratio_cap": 2.0, "mask_low": 0.5, "mask_high": 5.0, "kl_coeff": 0.0
+    }
     gspo = resolve_loss_config("gspo", None)
     assert gspo["clip_low_threshold"] == pytest.approx(1 - 3e-4)
     assert gspo["clip_high_threshold"] == pytest.approx(1 + 4e-4)
@@ -395,3 +452,19 @@ def test_resolve_config_overrides_one_key_and_returns_floats():
     config = resolve_loss_config("ppo", {"clip_high_threshold": 2})
     assert config == {"clip_low_threshold": 0.8, "clip_high_threshold": 2.0}
     assert type(config["clip_high_threshold"]) is float
+
+
+@pytest.mark.parametrize("key", ["clip_low_threshold", "clip_high_threshold"])
+def test_per_token_clip_thresholds_are_refused_not_ignored(key):
+    shapes = {**_rl_shapes(4), key: (4,)}
+    with pytest.raises(InvalidInput, match=rf"data\[1\]\.loss_fn_inputs\['{key}'\]: expected no per-token clip thresholds"):
+        check_loss_inputs("ppo", None, shapes, n_tokens=4, datum_index=1)
+
+
+def test_stable_reinforce_needs_provenance_spans():
+    from tinker.types import Datum, ModelInput
+    from tinker.validation import check_forward_backward
+
+    datum = Datum(model_input=ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "advantages": [1.0, 1.0]})
+    with pytest.raises(InvalidInput, match=r"data\[0\]\.loss_fn_input_spans: expected provenance spans"):
+        check_forward_backward([datum], "stable_reinforce", None)

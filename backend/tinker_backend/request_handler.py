@@ -212,6 +212,8 @@ class RequestHandler:
                 result = await self.runs.run_ordered(request, owner, self.samplers.snapshot_work)
                 await self.samplers.evict_snapshots(self.runs.get(request.model_id, owner))
                 return result
+            case wire.ForwardBackward() if request.loss_fn == "stable_reinforce":
+                return await self.runs.run_ordered(request, owner, self._stable_reinforce_work)
             case wire.ForwardBackward() | wire.OptimStep() | wire.SaveState() | wire.LoadState():
                 return await self.runs.run_ordered(request, owner, self.runs.training_work)
             case wire.SaveWeightsForSampler():
@@ -290,6 +292,14 @@ class RequestHandler:
                 record = self.checkpoints.lookup(request.tinker_path, owner)
                 return wire.CheckpointFiles(files=await asyncio.to_thread(self.checkpoints.read_files, record))
         raise ServiceError(400, f"request: unsupported type {type(request).__name__}")
+
+    async def _stable_reinforce_work(
+        self, request: wire.ForwardBackward, run: RunRecord, owner: str, scheduler: ModelScheduler
+    ) -> Work:
+        """The ``WorkBuilder`` of a ``stable_reinforce`` forward/backward: the provenance spans
+        checked against the sampling records and turned into the loss's inputs first."""
+        resolved = self.samplers.stability.resolve(request, owner)
+        return await self.runs.training_work(resolved, run, owner, scheduler)
 
     async def _external_work(
         self, request: wire.SaveWeightsExternal, run: RunRecord, owner: str, scheduler: ModelScheduler

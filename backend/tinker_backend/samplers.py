@@ -16,6 +16,8 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import msgspec
+
 from tinker import wire
 from tinker.types import SampleResponse, SaveWeightsForSamplerResponse
 from tinker.validation import check_sample, check_sample_for_model
@@ -23,6 +25,7 @@ from tinker_backend.engine.protocol import Engine
 from tinker_backend.errors import ServiceError
 from tinker_backend.runs import Runs
 from tinker_backend.scheduler import ModelScheduler, Work
+from tinker_backend.stability import StabilityRecords
 from tinker_backend.state import Shared
 from tinker_backend.store import RunRecord, SamplerRecord, now_iso
 
@@ -47,6 +50,7 @@ class Samplers:
         self._evicted: dict[str, set[str]] = {}  # session id -> its snapshots unloaded by the cap
         self._answers: OrderedDict[tuple[str, int], asyncio.Future[SampleResponse]] = OrderedDict()
         self._history_run: dict[str, str | None] = {}  # sampler id -> the run whose history counts its tokens
+        self.stability = StabilityRecords()  # what stable_reinforce needs from sampling
 
     def is_loaded(self, sampler_id: str) -> bool:
         """Whether the sampler's adapter is in an engine now (for the console)."""
@@ -182,7 +186,13 @@ class Samplers:
             except (ValueError, KeyError) as e:  # the engine's checks name the field
                 raise ServiceError(400, str(e.args[0]) if e.args else repr(e)) from e
 
-        future = asyncio.ensure_future(scheduler.sample(submit))
+        async def sample_and_record() -> SampleResponse:
+            response = with_sequence_ids(await scheduler.sample(submit), request.sampling_session_id, request.seq_id)
+            if request.record_stability_info:
+                self.stability.record(owner, request.sampling_session_id, request.seq_id, prompt, response)
+            return response
+
+        future = asyncio.ensure_future(sample_and_record())
         self._answers[key] = future
         while len(self._answers) > _SAMPLE_ANSWER_WINDOW:
             self._answers.popitem(last=False)
@@ -256,3 +266,13 @@ class Samplers:
                 engine.remove_sampler(sampler_id)
 
         await scheduler.compute(unload)
+
+
+def with_sequence_ids(response: SampleResponse, sampler_id: str, seq_id: int) -> SampleResponse:
+    """``response`` with each sequence named ``<sampler_id>/<seq_id>/<i>``, the ``sequence_id``
+    that provenance spans use (the ``/api/v1`` protocol sends the same ids as ``sample_sequence_ids``)."""
+    sequences = [
+        msgspec.structs.replace(sequence, sequence_id=f"{sampler_id}/{seq_id}/{i}")
+        for i, sequence in enumerate(response.sequences)
+    ]
+    return msgspec.structs.replace(response, sequences=sequences)

@@ -16,20 +16,31 @@ from tinker.validation import check_sample, parse_tinker_path
 class SamplingClient:
     """Samples and scores tokens. Every method returns an ``APIFuture`` at once.
 
+    Each sampled sequence has a ``sequence_id``; a client made with ``record_stability_info``
+    has the server record its samples, for training with ``stable_reinforce``.
+
     A sampler never changes: weights saved later need a new sampler (so a stale client can
     never silently serve old weights, and a live one never changes under you). The client is
     awaitable, like ``TrainingClient``, and safe to share between tasks and threads.
     """
 
-    def __init__(self, holder: Holder, created: APIFuture[wire.SamplingSessionCreated]) -> None:
+    def __init__(
+        self, holder: Holder, created: APIFuture[wire.SamplingSessionCreated], *, record_stability_info: bool = False
+    ) -> None:
         self._holder = holder
+        self._record_stability_info = bool(record_stability_info)
         self._created = created
         self._seq_lock = threading.Lock()
         self._next_seq = 1
 
     @classmethod
     def create(
-        cls, holder: Holder, *, model_path: str | None = None, base_model: str | None = None
+        cls,
+        holder: Holder,
+        *,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         if model_path is None and base_model is None:
             raise ValueError("model_path, base_model: expected one of them, got neither")
@@ -47,7 +58,7 @@ class SamplingClient:
                 )
             )
 
-        return cls(holder, holder.submit(run()))
+        return cls(holder, holder.submit(run()), record_stability_info=record_stability_info)
 
     def __await__(self) -> Generator[Any, None, SamplingClient]:
         yield from self._created.__await__()
@@ -96,6 +107,7 @@ class SamplingClient:
                     sampling_params=sampling_params,
                     include_prompt_logprobs=include_prompt_logprobs or topk_prompt_logprobs > 0,
                     topk_prompt_logprobs=topk_prompt_logprobs,
+                    record_stability_info=self._record_stability_info,
                 )
             )
 

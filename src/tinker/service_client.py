@@ -126,10 +126,13 @@ class ServiceClient:
         return TrainingClient(self.holder, self.holder.submit(run()))
 
     def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None
+        self, model_path: str | None = None, base_model: str | None = None, *, record_stability_info: bool = False
     ) -> SamplingClient:
-        """A sampler for a ``sampler_weights`` checkpoint, or for the plain ``base_model``."""
-        return SamplingClient.create(self.holder, model_path=model_path, base_model=base_model)
+        """A sampler for a ``sampler_weights`` checkpoint, or for the plain ``base_model``;
+        ``record_stability_info`` records its samples for ``stable_reinforce``."""
+        return SamplingClient.create(
+            self.holder, model_path=model_path, base_model=base_model, record_stability_info=record_stability_info
+        )
 
     def get_server_capabilities(self) -> APIFuture[GetServerCapabilitiesResponse]:
         """The models this backend can train and sample."""

@@ -271,10 +271,14 @@ class TrainingClient:
             )
         )
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, *, record_stability_info: bool = False
+    ) -> SamplingClient:
         """Snapshot the current weights into a new sampler (no file is kept) and return its client.
 
-        ``name`` is accepted for compatibility and ignored, as in the Tinker SDK.
+        ``name`` is accepted for compatibility and ignored, as in the Tinker SDK. With
+        ``record_stability_info`` every sample is recorded for ``stable_reinforce`` (each
+        sequence's ``sequence_id`` names it in a ``Datum``'s provenance spans).
         """
         from tinker.sampling_client import SamplingClient
 
@@ -293,13 +297,14 @@ class TrainingClient:
                 sampling_session_id=sampling_session_id, base_model=self._base_model()
             )
 
-        return SamplingClient(self._holder, self._ordered(1, run))
+        return SamplingClient(self._holder, self._ordered(1, run), record_stability_info=record_stability_info)
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """A sampler for a saved ``sampler_weights`` checkpoint."""
+    def create_sampling_client(self, model_path: str, *, record_stability_info: bool = False) -> SamplingClient:
+        """A sampler for a saved ``sampler_weights`` checkpoint (``record_stability_info``: as in
+        :meth:`save_weights_and_get_sampling_client`)."""
         from tinker.sampling_client import SamplingClient
 
-        return SamplingClient.create(self._holder, model_path=model_path)
+        return SamplingClient.create(self._holder, model_path=model_path, record_stability_info=record_stability_info)
 
     # Deprecated *_async twins of the Tinker SDK: the plain methods already return futures.
     async def forward_backward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:

@@ -44,7 +44,10 @@ __all__ = [
     "ModelInput",
     "ModelInputChunk",
     "OptimStepResponse",
+    "PromptProvenanceSpan",
+    "ProvenanceSpan",
     "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence",
     "SamplingParams",
     "SaveWeightsExternalResponse",
@@ -59,7 +62,7 @@ __all__ = [
 ]
 
 LossFnType: TypeAlias = Literal[
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
 ]
 StopReason: TypeAlias = Literal["length", "stop"]
 DType: TypeAlias = Literal["int64", "float32"]
@@ -245,16 +248,56 @@ def _coerce_tensor(key: str, value: object) -> TensorData:
     raise _fail(f"loss_fn_inputs[{key!r}]", "a list, numpy array, torch tensor or TensorData", value)
 
 
+class _Span(_Strict, kw_only=True):
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not isinstance(self.sequence_id, str) or not self.sequence_id:
+            raise _fail(f"{name}.sequence_id", "a non-empty string", self.sequence_id)
+        if type(self.offset) is not int or self.offset < 0:
+            raise _fail(f"{name}.offset", "an int >= 0", self.offset)
+        if type(self.length) is not int or self.length < 0:
+            raise _fail(f"{name}.length", "an int >= 0", self.length)
+
+
+class PromptProvenanceSpan(_Span, tag_field="type", tag="prompt"):
+    """A run of datum positions that are positions ``[offset, offset + length)`` of the prompt
+    of the sample request that produced sequence ``sequence_id``."""
+
+
+class SampledProvenanceSpan(_Span, tag_field="type", tag="sampled"):
+    """A run of datum positions that are positions ``[offset, offset + length)`` of the tokens
+    sampled for sequence ``sequence_id``."""
+
+
+ProvenanceSpan: TypeAlias = PromptProvenanceSpan | SampledProvenanceSpan
+
+
+def _check_tiling(field: str, spans: list[ProvenanceSpan], length: int) -> None:
+    total = sum(span.length for span in spans)
+    if total != length:
+        raise _fail(field, f"spans whose lengths sum to the field's length {length} (they tile it)", total)
+
+
 class Datum(_Strict):
     """One training example: the model input and the per-token inputs of the loss.
 
     Position ``i`` of ``model_input`` predicts ``target_tokens[i]`` (the next token), so per-token
     inputs have length ``model_input.length``. Values of ``loss_fn_inputs`` may be lists, numpy
     arrays, torch tensors or ``TensorData``; they are coerced by key as in the Tinker SDK.
+
+    ``model_input_spans`` and ``loss_fn_input_spans`` (both or neither; attach them with
+    :meth:`with_provenance`) say which sampled sequence each position came from, as in the
+    Tinker SDK; the ``stable_reinforce`` loss needs them (docs/compat.md).
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = {}
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.loss_fn_inputs, Mapping):
@@ -262,6 +305,32 @@ class Datum(_Strict):
         self.loss_fn_inputs = {
             str(key): _coerce_tensor(str(key), value) for key, value in self.loss_fn_inputs.items()
         }
+        if (self.model_input_spans is None) != (self.loss_fn_input_spans is None):
+            raise _fail(
+                "model_input_spans, loss_fn_input_spans",
+                "both span lists or neither (provenance comes as a pair)",
+                "only one",
+            )
+        for field in ("model_input_spans", "loss_fn_input_spans"):
+            for i, span in enumerate(getattr(self, field) or []):
+                if not isinstance(span, _Span):
+                    raise _fail(f"{field}[{i}]", "a PromptProvenanceSpan or SampledProvenanceSpan", span)
+
+    def with_provenance(
+        self, model_input: Sequence[ProvenanceSpan], loss_fn_inputs: Sequence[ProvenanceSpan]
+    ) -> Datum:
+        """A copy carrying provenance: ``model_input`` spans tile the input tokens,
+        ``loss_fn_inputs`` spans tile ``loss_fn_inputs["target_tokens"]`` (checked here)."""
+        _check_tiling("model_input spans", list(model_input), self.model_input.length)
+        targets = self.loss_fn_inputs.get("target_tokens")
+        if targets is not None and targets.shape is not None and len(targets.shape) == 1:
+            _check_tiling("loss_fn_inputs spans", list(loss_fn_inputs), targets.shape[0])
+        return Datum(
+            model_input=self.model_input,
+            loss_fn_inputs=self.loss_fn_inputs,
+            model_input_spans=list(model_input),
+            loss_fn_input_spans=list(loss_fn_inputs),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +495,8 @@ class SampledSequence(_Lenient):
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    # Names this sequence in later requests (provenance spans of a Datum); set by the server.
+    sequence_id: str | None = None
 
 
 class SampleResponse(_Lenient):

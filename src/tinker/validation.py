@@ -47,7 +47,15 @@ __all__ = [
     "resolve_loss_config",
 ]
 
-LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
+LOSS_FNS: tuple[str, ...] = (
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+)
 CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 MAX_NUM_SAMPLES = 128
 MAX_TOPK_PROMPT_LOGPROBS = 20
@@ -64,10 +72,16 @@ _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cispo": _RL_INPUTS,
     "dro": _RL_INPUTS,
     "gspo": _RL_INPUTS,
+    # The sampler's logprobs come from the server's records, named by provenance spans.
+    "stable_reinforce": ("target_tokens", "advantages"),
 }
 # Inputs a loss uses when present. Any other key in loss_fn_inputs is ignored (the cookbook
 # keeps local-only keys such as "mask" around; ignoring them is harmless).
-_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"gspo": ("sequence_ratio_mask",)}
+_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
+    "gspo": ("sequence_ratio_mask",),
+    # Set by the server from the provenance spans (a client's own values are replaced).
+    "stable_reinforce": ("logprobs", "sampled_mask"),
+}
 
 _LOW, _HIGH = "clip_low_threshold", "clip_high_threshold"
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
@@ -82,6 +96,9 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     # The GSPO paper's clipping ranges (eps_low 3e-4, eps_high 4e-4); Tinker does not
     # publish a default. Sequence ratios stay near 1, so PPO's 0.2 would never clip.
     "gspo": {_LOW: 1.0 - 3e-4, _HIGH: 1.0 + 4e-4},
+    # Not published by Tinker; ours (docs/compat.md): truncated IS weights capped at 2 (TIS,
+    # Yao et al. 2025), tokens whose ratio leaves [0.5, 5] masked (IcePop), no KL term.
+    "stable_reinforce": {"ratio_cap": 2.0, "mask_low": 0.5, "mask_high": 5.0, "kl_coeff": 0.0},
 }
 
 
@@ -137,6 +154,8 @@ def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, Any] | None) 
     * ``gspo``: ``clip_low_threshold=1 - 3e-4``, ``clip_high_threshold=1 + 4e-4``, the
       clipping ranges of the GSPO paper (Zheng et al., 2025); no default is published.
     * ``cross_entropy`` and ``importance_sampling`` take no config.
+    * ``stable_reinforce``: ``ratio_cap=2.0``, ``mask_low=0.5``, ``mask_high=5.0``,
+      ``kl_coeff=0.0`` (ours; Tinker does not publish its objective, see docs/compat.md).
 
     Raises :class:`InvalidInput` for an unknown loss, a key the loss does not take, a value that
     is not a finite number, ``clip_low_threshold < 0``, ``clip_low_threshold >
@@ -165,6 +184,15 @@ def resolve_loss_config(loss_fn: str, loss_fn_config: Mapping[str, Any] | None) 
             )
     if config.get("beta", 0.0) < 0:
         raise InvalidInput("loss_fn_config['beta']", ">= 0", config["beta"])
+    if loss_fn == "stable_reinforce":
+        for key in ("ratio_cap", "mask_high"):
+            if config[key] <= 0:
+                raise InvalidInput(f"loss_fn_config[{key!r}]", "> 0", config[key])
+        if not 0 <= config["mask_low"] < config["mask_high"]:
+            got = f"mask_low={config['mask_low']!r}, mask_high={config['mask_high']!r}"
+            raise InvalidInput("loss_fn_config", "0 <= mask_low < mask_high", described(got))
+        if config["kl_coeff"] < 0:
+            raise InvalidInput("loss_fn_config['kl_coeff']", ">= 0", config["kl_coeff"])
     return config
 
 
@@ -187,12 +215,20 @@ def check_loss_inputs(
     * Per-token inputs have shape ``[n_tokens]``. For ``cross_entropy`` ``target_tokens``
       may instead be ``[n_tokens, K]`` (top-K soft targets, K >= 1) and ``weights`` must
       then have the same shape. ``gspo``'s optional ``sequence_ratio_mask`` is
-      ``[n_tokens]``. Keys the loss does not use are ignored.
+      ``[n_tokens]``. Keys the loss does not use are ignored, except ``clip_low_threshold``
+      and ``clip_high_threshold``, which are refused (they belong in ``loss_fn_config``).
 
     Raises :class:`InvalidInput` whose field starts with ``data[<datum_index>]``.
     """
     resolve_loss_config(loss_fn, loss_fn_config)
     prefix = f"data[{datum_index}].loss_fn_inputs"
+    for key in (_LOW, _HIGH):  # the Tinker SDK knows them as inputs; silently ignoring them would mislead
+        if key in input_shapes:
+            raise InvalidInput(
+                f"{prefix}[{key!r}]",
+                "no per-token clip thresholds (this server takes them in loss_fn_config)",
+                described("a tensor"),
+            )
     for key in _REQUIRED_INPUTS[loss_fn]:
         if key not in input_shapes:
             raise InvalidInput(f"{prefix}[{key!r}]", f"a tensor (required by {loss_fn!r})", described("nothing"))
@@ -241,6 +277,12 @@ def check_forward_backward(data: Any, loss_fn: str, loss_fn_config: Mapping[str,
             raise InvalidInput(f"data[{i}].loss_fn_inputs['target_tokens']", "int64 token ids", targets.dtype)
         shapes = {key: tensor.shape or [tensor.numel] for key, tensor in datum.loss_fn_inputs.items()}
         check_loss_inputs(loss_fn, loss_fn_config, shapes, n, i)
+        if loss_fn == "stable_reinforce" and datum.loss_fn_input_spans is None:
+            raise InvalidInput(
+                f"data[{i}].loss_fn_input_spans",
+                "provenance spans naming sampled sequences (required by 'stable_reinforce'; see Datum.with_provenance)",
+                described("none"),
+            )
 
 
 def check_token_ids(field: str, ids: Sequence[int], vocab_size: int) -> None:

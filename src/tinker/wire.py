@@ -202,6 +202,8 @@ class Sample(_Request):
     sampling_params: SamplingParams
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # Record each sampled sequence's tokens and logprobs for stable_reinforce (docs/compat.md).
+    record_stability_info: bool = False
 
 
 # --- REST-style -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ class TokensWithLogprobs:
     tokens: list[int]
     maybe_logprobs: list[float] | None
     stop_reason: str = "stop"
+    sequence_id: str | None = None  # the sampler's name for it (provenance for stable_reinforce)
 
     @property
     def logprobs(self) -> list[float]:
@@ -110,7 +111,7 @@ class TinkerTokenCompleter(TokenCompleter):
                     waiter.set_exception(done.exception())  # type: ignore[arg-type]
                 else:
                     seq = done.result().sequences[i]
-                    waiter.set_result(TokensWithLogprobs(seq.tokens, seq.logprobs, seq.stop_reason))
+                    waiter.set_result(TokensWithLogprobs(seq.tokens, seq.logprobs, seq.stop_reason, seq.sequence_id))
 
         async def wait() -> tinker.SampleResponse:
             return await response

@@ -157,3 +157,17 @@ def sdk_env(compat_server: CompatServer) -> Iterator[None]:
         env.setenv("TINKER_BASE_URL", compat_server.base_url)
         env.setenv("TINKER_API_KEY", API_KEY)
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(sdk_env: None) -> None:
+    """Register ``tiny-llama``'s tokenizer with the cookbook, from the folder the server names
+    in ``get_info`` (the Hub is never asked)."""
+    from transformers import AutoTokenizer
+
+    import tinker
+    from tinker_cookbook.tokenizer_utils import register_tokenizer
+
+    with tinker.ServiceClient() as service:
+        folder = service.create_lora_training_client(TINY, rank=1).result().get_info().model_data.tokenizer_id
+    register_tokenizer(TINY, lambda: AutoTokenizer.from_pretrained(folder))

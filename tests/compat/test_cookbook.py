@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 import tinker
 from tinker import types
 from tinker_cookbook.supervised import train
 from tinker_cookbook.supervised.data import FromConversationFileBuilder
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
-from tinker_cookbook.tokenizer_utils import register_tokenizer
 
 from .conftest import TINY
 
@@ -26,15 +24,6 @@ CONVERSATIONS = [
     [("What is two plus two?", "Two plus two is four.")],
     [("Say hello.", "Hello there, friend.")],
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer() -> None:
-    """Register ``tiny-llama``'s tokenizer with the cookbook, from the folder the server names
-    in ``get_info`` (the Hub is never asked)."""
-    with tinker.ServiceClient() as service:
-        folder = service.create_lora_training_client(TINY, rank=1).result().get_info().model_data.tokenizer_id
-    register_tokenizer(TINY, lambda: AutoTokenizer.from_pretrained(folder))
 
 
 @pytest.mark.slow

@@ -308,10 +308,52 @@ def test_bad_input_is_refused_naming_the_field(service: tinker.ServiceClient) ->
         tinker.BadRequestError, match=r"data\[0\]\.model_input\.chunks\[0\]: expected an encoded_text"
     ):
         tc.forward_backward([image], "cross_entropy").result()
-    with pytest.raises(tinker.BadRequestError, match="record_stability_info: not supported"):
-        sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
-        sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt, params = types.ModelInput.from_ints([1, 2]), types.SamplingParams(max_tokens=2)
+    with pytest.raises(tinker.BadRequestError, match="prompt_alt_tokens_k: not supported"):
+        sampler.sample(prompt, 1, params, prompt_alt_tokens_k=2).result()
     with pytest.raises(tinker.RequestFailedError, match="unknown checkpoint"):
         service.create_training_client_from_state(f"tinker://{tc.model_id}/weights/missing").result()
 
     assert train(tc, datum, steps=1)[0] > 0  # the run goes on
+
+
+def test_stable_reinforce_with_provenance_through_the_sdk(service: tinker.ServiceClient) -> None:
+    """Recorded sampling and provenance spans over the HTTP protocol (protobuf spans); on the
+    sampler's own weights r = 1, so the loss is -sum(A) over the sampled tokens."""
+    tc = service.create_lora_training_client(TINY, rank=4, seed=11).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    prompt = [1, 17, 42, 99]
+    params = types.SamplingParams(max_tokens=5, seed=3, stop=[])
+    sequence = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+
+    def datum(sampled: list[int]) -> types.Datum:
+        n = len(prompt) - 1
+        plain = types.Datum(
+            model_input=types.ModelInput.from_ints(prompt + sampled[:-1]),
+            loss_fn_inputs={
+                "target_tokens": [0] * n + sampled,
+                "logprobs": [0.0] * (n + len(sampled)),
+                "advantages": [0.0] * n + [2.0] * len(sampled),
+            },
+        )
+        sid = sequence.sequence_id
+        return plain.with_provenance(
+            model_input=[
+                types.PromptProvenanceSpan(sequence_id=sid, length=len(prompt)),
+                types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled) - 1),
+            ],
+            loss_fn_inputs=[
+                types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=n),
+                types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled)),
+            ],
+        )
+
+    out = tc.forward([datum(sequence.tokens)], "stable_reinforce").result()
+    assert out.metrics["loss:sum"] == pytest.approx(-2.0 * len(sequence.tokens), rel=1e-4)
+    wrong = [*sequence.tokens[:-1], (sequence.tokens[-1] + 1) % 50]
+    with pytest.raises(
+        tinker.RequestFailedError,
+        match=r"data\[0\]\.loss_fn_input_spans\[1\]: expected the datum's tokens to equal the sampled tokens",
+    ):
+        tc.forward_backward([datum(wrong)], "stable_reinforce").result()

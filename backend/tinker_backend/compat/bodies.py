@@ -93,11 +93,11 @@ class SampleBody(_Body):
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
     # Not supported here; a request that asks for them is refused.
     topk_sample_logprobs: int = 0
     target_prompt_logprobs: Any = None
     prompt_alt_tokens_k: int = 0
-    record_stability_info: bool | None = None
 
 
 class RetrieveFutureBody(_Body):

@@ -170,8 +170,8 @@ def parse_forward_backward(body: bytes) -> Any:
 def forward_backward_fields(message: Any) -> dict[str, Any]:
     """The fields of a native ``ForwardBackward`` (besides its ids) as plain values.
 
-    Provenance spans are accepted and ignored: only ``stable_reinforce`` reads them, and this
-    server does not implement that loss. ``loss_fn_config_v2`` wins over ``loss_fn_config``.
+    Provenance spans become the native ``Datum``'s spans (only ``stable_reinforce`` reads
+    them). ``loss_fn_config_v2`` wins over ``loss_fn_config``.
     """
     return {
         "data": [_datum(datum, i) for i, datum in enumerate(message.data)],
@@ -211,7 +211,24 @@ def _datum(message: Any, i: int) -> dict[str, Any]:
         key: _tensor(tensor, f"data[{i}].loss_fn_inputs[{key!r}]")
         for key, tensor in message.loss_fn_inputs.items()
     }
-    return {"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs}
+    datum: dict[str, Any] = {"model_input": {"chunks": chunks}, "loss_fn_inputs": inputs}
+    if message.model_input_spans or message.loss_fn_input_spans:
+        datum["model_input_spans"] = _spans(message.model_input_spans, f"data[{i}].model_input_spans")
+        datum["loss_fn_input_spans"] = _spans(message.loss_fn_input_spans, f"data[{i}].loss_fn_input_spans")
+    return datum
+
+
+def _spans(messages: Any, field: str) -> list[dict[str, Any]]:
+    """``ProvenanceSpan``s as the fields of the native spans (tagged ``prompt`` / ``sampled``)."""
+    spans = []
+    for j, message in enumerate(messages):
+        kind = message.WhichOneof("span")
+        if kind is None:
+            raise ServiceError(400, f"{field}[{j}]: expected prompt_tokens or sampled_tokens, got an empty span")
+        arm = getattr(message, kind)
+        tag = "prompt" if kind == "prompt_tokens" else "sampled"
+        spans.append({"type": tag, "sequence_id": arm.sequence_id, "offset": arm.offset, "length": arm.length})
+    return spans
 
 
 def _array(data: bytes, dtype: str, field: str) -> np.ndarray:

@@ -381,7 +381,6 @@ class TinkerHttpApi:
             "topk_sample_logprobs": body.topk_sample_logprobs != 0,
             "target_prompt_logprobs": body.target_prompt_logprobs is not None,
             "prompt_alt_tokens_k": body.prompt_alt_tokens_k != 0,
-            "record_stability_info": bool(body.record_stability_info),
         }
         for name, asked in unsupported.items():
             if asked:
@@ -399,6 +398,7 @@ class TinkerHttpApi:
                 sampling_params=body.sampling_params,
                 include_prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
                 topk_prompt_logprobs=body.topk_prompt_logprobs,
+                record_stability_info=bool(body.record_stability_info),
             )
             last_n = body.prompt_logprobs_last_n
             if last_n is not None and not (
@@ -515,6 +515,10 @@ def add_routes(app: web.Application, backend_key: web.AppKey[RequestHandler]) ->
         ("POST", "/api/v1/copy_weights", api.unsupported),
         ("PUT", "/api/v1/sessions/{session_id}/project", api.unsupported),
         ("GET", "/api/v1/sessions/{session_id}/trace_export", api.unsupported),
+        ("POST", "/api/v1/sessions/search", api.unsupported),
+        ("GET", "/api/v1/audit", api.unsupported),
+        ("GET", "/api/v1/billing/usage/events", api.unsupported),
+        ("GET", "/api/v1/billing/usage/checkpoints/current", api.unsupported),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, errors_as_json(handler))

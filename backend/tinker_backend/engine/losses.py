@@ -17,6 +17,7 @@ importance ratio, ``clip(x) = min(max(x, low), high)`` with ``low``/``high`` the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -121,6 +122,39 @@ def _gspo(logp: torch.Tensor, inputs: _Inputs, config: _Config) -> torch.Tensor:
     return -torch.minimum(token_ratio * advantages, clipped * advantages).sum()
 
 
+def _stable_reinforce(logp: torch.Tensor, inputs: _Inputs, config: _Config) -> torch.Tensor:
+    """REINFORCE with truncated, masked importance weights against the recorded sampler.
+
+    ``q`` here is what the sampler computed for the sampled tokens, recorded at sampling time
+    (``record_stability_info``) and put into ``logprobs`` by the server from the datum's
+    provenance spans; ``m_t`` (``sampled_mask``) is 1 on positions whose target is a sampled
+    token and 0 elsewhere (prompt positions get no policy gradient). With ``c`` the config's
+    ``ratio_cap``, ``[lo, hi]`` its ``mask_low``/``mask_high`` and ``beta`` its ``kl_coeff``:
+
+    * ``keep_t = m_t * [lo <= r_t <= hi]``: a token the sampler and learner disagree on that
+      much is dropped (IcePop-style masking), not just down-weighted;
+    * ``L = -sum_t keep_t * A_t * min(r_t, c)`` in value, computed as
+      ``keep_t * A_t * sg[min(r_t, c) / r_t] * r_t`` so that the gradient with respect to
+      ``logp_t`` is ``-keep_t * A_t * min(r_t, c)``: REINFORCE with a truncated IS weight
+      (TIS); on-policy (``r = 1``) it is plain REINFORCE;
+    * ``+ beta / 2 * sum_t m_t * (logp_t - q_t)^2``: an optional pull toward the sampler,
+      gradient ``beta * m_t * (logp_t - q_t)``.
+    """
+    advantages = inputs["advantages"]
+    mask = inputs.get("sampled_mask", torch.ones_like(logp)) != 0
+    zeros = torch.zeros_like(logp)
+    log_ratio = torch.where(mask, logp - inputs["logprobs"], zeros)  # a dummy q stays out of exp
+    detached_ratio = torch.exp(log_ratio.detach())
+    keep = mask & (detached_ratio >= config["mask_low"]) & (detached_ratio <= config["mask_high"])
+    kept_log_ratio = torch.where(keep, log_ratio, zeros)  # dropped tokens: no inf * 0 in backward
+    ratio = torch.exp(kept_log_ratio)
+    # sg[min(r, c) / r] = exp(min(0, log c - log r)).
+    weight = torch.exp(torch.clamp(math.log(config["ratio_cap"]) - kept_log_ratio.detach(), max=0.0))
+    surrogate = (torch.where(keep, advantages, zeros) * weight * ratio).sum()
+    penalty = 0.5 * config["kl_coeff"] * (log_ratio**2).sum()
+    return -surrogate + penalty
+
+
 _LOSSES: dict[str, Callable[[torch.Tensor, _Inputs, _Config], torch.Tensor]] = {
     "cross_entropy": _cross_entropy,
     "importance_sampling": _importance_sampling,
@@ -128,6 +162,7 @@ _LOSSES: dict[str, Callable[[torch.Tensor, _Inputs, _Config], torch.Tensor]] = {
     "cispo": _cispo,
     "dro": _dro,
     "gspo": _gspo,
+    "stable_reinforce": _stable_reinforce,
 }
 assert tuple(_LOSSES) == LOSS_FNS, "every loss the client may name has an implementation"
 
@@ -146,7 +181,7 @@ def datum_loss(
     ``tinker.validation.check_loss_inputs``; ``config`` is the output of
     ``tinker.validation.resolve_loss_config``. The
     semantics of each loss are in the docstrings of ``_cross_entropy``, ``_importance_sampling``,
-    ``_ppo``, ``_cispo``, ``_dro`` and ``_gspo``.
+    ``_ppo``, ``_cispo``, ``_dro``, ``_gspo`` and ``_stable_reinforce``.
 
     Half-precision logprobs are computed in float32 (exp and squares lose too much in
     bf16); float32 and float64 keep their dtype. The result has the compute dtype.

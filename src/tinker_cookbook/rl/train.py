@@ -114,6 +114,12 @@ class _Trainer:
     def adam(self) -> tinker.AdamParams:
         return self.run.adam(self.config.learning_rate)
 
+    def new_sampler(self) -> tinker.SamplingClient:
+        """The current weights as a sampler; it records its samples when the loss needs them."""
+        return self.training_client.save_weights_and_get_sampling_client(
+            record_stability_info=self.config.loss_fn == "stable_reinforce"
+        )
+
     async def prepare(self, groups_P: list[TrajectoryGroup]) -> tuple[list[tinker.Datum], list[np.ndarray], dict[str, float]]:
         """Advantages, datums and (with a KL penalty) the penalised advantages of some groups."""
         if self.config.remove_constant_reward_groups:
@@ -189,7 +195,7 @@ async def _run_on_policy(trainer: _Trainer, start_step: int, total: int) -> None
     stream = trainer.config.stream_minibatch
     for step in progress(range(start_step, total), desc="rl", total=total - start_step):
         t0 = time.perf_counter()
-        sampler = trainer.training_client.save_weights_and_get_sampling_client()
+        sampler = trainer.new_sampler()
         metrics: dict[str, float] = {}
         if trainer.eval_due(step, total):
             metrics.update(await trainer.evaluate(sampler))
@@ -258,7 +264,7 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
     """Rollout workers sample from the latest sampler; the learner trains on finished groups."""
     groups_per_batch = len(trainer.dataset.get_batch(start_step))
     max_lag = async_config.max_steps_off_policy
-    state = _LatestPolicy(start_step, trainer.training_client.save_weights_and_get_sampling_client())
+    state = _LatestPolicy(start_step, trainer.new_sampler())
     changed = asyncio.Condition()
     finished: asyncio.Queue[TrajectoryGroup | Exception] = asyncio.Queue()
 
@@ -303,7 +309,7 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
             data_D, masks_D, prep_metrics = await trainer.prepare(groups_P)
             metrics.update(prep_metrics)
             metrics.update(await trainer.train(data_D, masks_D))
-            new_sampler = trainer.training_client.save_weights_and_get_sampling_client()
+            new_sampler = trainer.new_sampler()
             await new_sampler
             metrics["time/train"] = time.perf_counter() - t_train
             async with changed:
