@@ -8,11 +8,16 @@
 members of an RL group start together with the same prompt, so their ``G`` single-sample
 requests become one ``sample(num_samples=G)`` call (one prefill, one batched decode), which
 is several times faster than ``G`` separate calls. Results are the same in distribution.
+
+Seeds: :func:`derive_seed` mixes a run's seed with where a call happens (step, group, prompt),
+so every sampling call of a seeded run gets its own seed and a rerun gets the same ones,
+whatever order the calls happen to be sent in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -23,6 +28,13 @@ import tinker
 from tinker_cookbook.renderers import Message, Renderer
 
 StopCondition: TypeAlias = list[str] | list[int]
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A seed in ``[0, 2**62)`` determined by ``seed`` and ``parts`` (ints, strings, token lists):
+    different parts give unrelated seeds, the same parts the same seed in every process."""
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 @dataclass
@@ -65,8 +77,10 @@ class TinkerTokenCompleter(TokenCompleter):
 
     Requests with the same prompt and stop condition that arrive in the same event-loop pass
     are sent as one ``sample`` call with ``num_samples`` equal to their number. With ``seed``,
-    the n-th call sent samples with seed ``seed + n``, so a run that makes the same requests in
-    the same order samples the same tokens.
+    each call samples with a seed derived from ``seed``, its prompt, its stop condition and how
+    many calls with that prompt came before, so a run that makes the same requests samples the
+    same tokens even when the requests are sent in another order (e.g. the later turns of
+    multi-turn episodes, which start when earlier samples finish).
     """
 
     def __init__(
@@ -76,7 +90,7 @@ class TinkerTokenCompleter(TokenCompleter):
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.seed = seed
-        self._calls = 0
+        self._calls: dict[tuple, int] = {}  # per (prompt, stop): calls sent so far
         self._open: dict[tuple, _Batch] = {}
         self._in_flight: set[asyncio.Task[tinker.SampleResponse]] = set()  # the loop keeps only weak refs
 
@@ -95,9 +109,10 @@ class TinkerTokenCompleter(TokenCompleter):
     def _send(self, key: tuple) -> None:
         batch = self._open.pop(key)
         params = batch.params
+        n = self._calls.get(key, 0)
+        self._calls[key] = n + 1
         if self.seed is not None:
-            params = msgspec.structs.replace(params, seed=self.seed + self._calls)
-        self._calls += 1
+            params = msgspec.structs.replace(params, seed=derive_seed(self.seed, key, n))
         response = self.sampling_client.sample(batch.prompt, len(batch.waiters), params)
 
         def deliver(done: asyncio.Task[tinker.SampleResponse]) -> None:
@@ -125,9 +140,10 @@ class TinkerMessageCompleter(MessageCompleter):
     """Renders the conversation, samples one reply and parses it back into a message."""
 
     def __init__(
-        self, sampling_client: tinker.SamplingClient, renderer: Renderer, max_tokens: int, temperature: float = 1.0
+        self, sampling_client: tinker.SamplingClient, renderer: Renderer, max_tokens: int, temperature: float = 1.0,
+        seed: int | None = None,
     ) -> None:
-        self.completer = TinkerTokenCompleter(sampling_client, max_tokens, temperature)
+        self.completer = TinkerTokenCompleter(sampling_client, max_tokens, temperature, seed)
         self.renderer = renderer
 
     async def __call__(self, messages: list[Message]) -> Message:

@@ -196,5 +196,7 @@ def test_recipe_runs_two_steps(tmp_path):
     assert [r["step"] for r in rows if "dpo_loss" in r] == [0, 1]
     for key in train_dpo.DPO_METRICS:
         assert all(key in r for r in rows if "dpo_loss" in r), key
-    assert "test/dpo_loss" in rows[-1]
+    first = next(r for r in rows if "dpo_loss" in r)
+    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3)  # the reference is the initial weights
+    assert 0 < rows[-1]["test/dpo_loss"] < 2 * math.log(2)  # held-out pairs, after two small steps
     assert (log_path / "metrics.png").stat().st_size > 0

@@ -221,31 +221,32 @@ def rewards(log_path) -> list[float]:
     return [r["reward/total"] for r in read_metrics(log_path / "metrics.jsonl") if "reward/total" in r]
 
 
-def learned(r: list[float]) -> bool:
-    """Reward rose: some 3-step window averages over 0.5 and 3x the first three steps. (When the
-    takeoff comes varies from run to run with the sampling seeds, from step 6 to past step 15;
-    at lr 2e-2 a run may also dip after learning, so the peak window is the robust signal.)"""
-    windows = [np.mean(r[i : i + 3]) for i in range(len(r) - 2)]
-    return max(windows) > 0.5 and max(windows) > 3 * np.mean(r[:3])
+def without_timings(log_path) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in read_metrics(log_path / "metrics.jsonl")]
+
+
+# Seeded runs (seed 0) sample the same tokens every time, so the bounds below were read off one
+# measured run each (values in the comments), with margin for another machine's float noise.
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # 28-32 RL steps: est. 30-90 s loaded
+@pytest.mark.timeout(300)  # 16 RL steps: est. 30-90 s loaded
 def test_rl_sync_reward_rises(tmp_path, embedded):
-    asyncio.run(train.main(rl_config(tmp_path, steps=28, eval_every=100)))  # test set at step 0 and the end
+    asyncio.run(train.main(rl_config(tmp_path, steps=16, eval_every=100)))  # test set at step 0 and the end
     r = rewards(tmp_path)
-    assert len(r) == 28
-    assert learned(r), r
+    assert len(r) == 16
+    assert np.mean(r[:3]) < 0.15, r  # measured 0.065
+    assert np.mean(r[-4:]) > 0.8, r  # measured 1.0 (takeoff at step 8: 0.84)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     # On-policy: the trainer scores the sampled tokens as the sampler did.
     assert all(abs(row["optim/kl_sample_train_v1"]) < 1e-3 for row in rows if "optim/kl_sample_train_v1" in row)
     tests = [row["test/reward/total"] for row in rows if "test/reward/total" in row]  # before and after
-    assert len(tests) == 2 and tests[-1] > tests[0]
+    assert len(tests) == 2 and tests[-1] > tests[0] + 0.5, tests  # greedy
     assert (tmp_path / "metrics.png").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # 28-32 RL steps: est. 30-90 s loaded
+@pytest.mark.timeout(300)  # 16-20 RL steps: est. 30-120 s loaded
 @pytest.mark.parametrize("mode", ["stream", "async"])
 def test_rl_stream_and_async_modes(tmp_path, embedded, mode):
     extra = (
@@ -253,14 +254,39 @@ def test_rl_stream_and_async_modes(tmp_path, embedded, mode):
         if mode == "stream"
         else {"async_config": train.AsyncConfig(max_steps_off_policy=1)}
     )
-    asyncio.run(train.main(rl_config(tmp_path, steps=32, **extra)))
+    steps = 16 if mode == "stream" else 20
+    asyncio.run(train.main(rl_config(tmp_path, steps=steps, **extra)))
     r = rewards(tmp_path)
-    assert len(r) == 32 and learned(r), r
+    assert len(r) == steps
     rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if "reward/total" in row]
     if mode == "async":
+        # Which policy version samples which group depends on timing, so async runs are not
+        # reproducible; measured: first three 0.091, last four 1.0 (one dip to 0.71 at step 13).
+        assert np.mean(r[:3]) < 0.2 and np.mean(r[-4:]) > 0.6, r
         assert all(row["async/mean_staleness"] <= 1 for row in rows)
     else:
+        # Same seeds as sync mode: the same samples (measured: identical rewards to sync).
+        assert np.mean(r[:3]) < 0.15 and np.mean(r[-4:]) > 0.8, r  # measured 0.065 and 1.0
         assert all(abs(row["optim/kl_sample_train_v1"]) < 1e-3 for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # 3 + 3 + 1 RL steps: est. 30-60 s loaded
+def test_same_seed_same_run(tmp_path, embedded):
+    """Two runs with one seed log the same metrics; another seed samples differently."""
+    for name, seed, steps in (("a", 0, 3), ("b", 0, 3), ("c", 1, 1)):
+        asyncio.run(train.main(rl_config(tmp_path / name, steps=steps, seed=seed)))
+    a, b = without_timings(tmp_path / "a"), without_timings(tmp_path / "b")
+    assert len(a) == len(b) == 4  # three steps and the final test-set evaluation
+    for row_a, row_b in zip(a, b, strict=True):
+        assert row_a.keys() == row_b.keys()
+        # The sampler-vs-trainer gap is float noise (~1e-7) whose last bits vary between runs;
+        # everything sampled (rewards, token counts, env metrics) is identical.
+        kl = {k for k in row_a if k.startswith("optim/kl_sample_train")}
+        assert {k: row_a[k] for k in row_a.keys() - kl} == {k: row_b[k] for k in row_b.keys() - kl}
+        assert all(row_a[k] == pytest.approx(row_b[k], abs=1e-5) for k in kl)
+    other = without_timings(tmp_path / "c")
+    assert other[0]["reward/total"] != a[0]["reward/total"] or other[0]["env/all/ac_tokens"] != a[0]["env/all/ac_tokens"]
 
 
 def test_rl_kl_penalty_runs(tmp_path, embedded):

@@ -348,6 +348,8 @@ def test_recipe_runs_warmup_then_two_rl_steps(tmp_path):
     assert [r["step"] for r in warmup] == [-2, -1]
     rows = [r for r in read_metrics(log_path / "metrics.jsonl") if "reward/total" in r]
     assert [r["step"] for r in rows] == [0, 1]
-    for key in ("env/all/tool_calls", "env/all/parse_errors", "env/all/valid_calls", "env/all/turns"):
-        assert all(key in r for r in rows), key
-    assert any("test/reward/total" in r for r in read_metrics(log_path / "metrics.jsonl"))
+    for row in rows:  # per-episode counts, averaged
+        assert 0 <= row["env/all/valid_calls"] <= row["env/all/tool_calls"]
+        assert row["env/all/parse_errors"] >= 0 and 1 <= row["env/all/turns"] <= 2  # max_turns=2
+    tests = [r["test/reward/total"] for r in read_metrics(log_path / "metrics.jsonl") if "test/reward/total" in r]
+    assert tests and all(-0.01 <= t <= 1.1 + 1e-9 for t in tests)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import tinker
-from tinker_cookbook.completers import TinkerTokenCompleter
+from tinker_cookbook.completers import TinkerTokenCompleter, derive_seed
 from tinker_cookbook.distillation.datasets import PromptGroupBuilder
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
 from tinker_cookbook.exceptions import ConfigurationError
@@ -146,7 +146,7 @@ async def _sample_and_score(
     config: Config, metrics: dict[str, float],
 ) -> tuple[list[tinker.Datum], list[np.ndarray], list[TrajectoryGroup], dict[str, float]]:
     builders = _builders(dataset, index)
-    seed = None if config.seed is None else config.seed * 1_000_003 + index * 1_009  # per step, reproducible
+    seed = None if config.seed is None else derive_seed(config.seed, "distill", index)  # per step, reproducible
     policy = TinkerTokenCompleter(sampler, config.max_tokens, config.temperature, seed=seed)
     with timed("sample", metrics):
         groups_P = list(await asyncio.gather(*(do_group_rollout(b, policy, index) for b in builders)))

@@ -83,11 +83,12 @@ class TeacherAnswer:
 
 async def generate_teacher_answers(
     teacher: tinker.SamplingClient, renderer: Renderer, system_prompt: str, queries: Sequence[str],
-    samples_per_query: int, max_tokens: int, temperature: float,
+    samples_per_query: int, max_tokens: int, temperature: float, seed: int | None = None,
 ) -> list[TeacherAnswer]:
     """``samples_per_query`` answers per query from the teacher prompted with ``system_prompt``
-    (all requests in flight at once; one query's samples share one ``sample`` call)."""
-    completer = TinkerTokenCompleter(teacher, max_tokens, temperature)
+    (all requests in flight at once; one query's samples share one ``sample`` call; ``seed``
+    makes the answers reproducible)."""
+    completer = TinkerTokenCompleter(teacher, max_tokens, temperature, seed)
     stop = renderer.get_stop_sequences()
     prompts = [
         renderer.build_generation_prompt([Message(role="system", content=system_prompt), Message(role="user", content=q)])
@@ -149,7 +150,7 @@ async def build_teacher_data(
     queries = [*config.test_queries, *config.queries]
     answers = await generate_teacher_answers(
         teacher, renderer, config.system_prompt, queries, config.samples_per_query,
-        config.teacher_max_tokens, config.teacher_temperature,
+        config.teacher_max_tokens, config.teacher_temperature, config.seed,
     )
     n_test = len(config.test_queries) * config.samples_per_query
     test, rest = answers[:n_test], answers[n_test:]

@@ -46,7 +46,7 @@ class CLIConfig:
     submit_ahead: int = 1
     base_url: str | None = None
     wandb_project: str | None = None
-    seed: int | None = None
+    seed: int | None = 0  # LoRA initialisation; None: random
     if_exists: IfExists = "raise"
 
 

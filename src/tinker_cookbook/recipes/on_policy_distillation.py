@@ -41,6 +41,7 @@ class CLIConfig:
     eval_every: int = 4
     base_url: str | None = None
     wandb_project: str | None = None
+    seed: int | None = 0  # LoRA initialisation and sampling seeds; None: random
     if_exists: IfExists = "raise"
 
 
@@ -61,6 +62,7 @@ def build_config(cli: CLIConfig) -> on_policy.Config:
         eval_every=cli.eval_every,
         save_every=0,
         base_url=cli.base_url,
+        seed=cli.seed,
         wandb_project=cli.wandb_project,
     )
 

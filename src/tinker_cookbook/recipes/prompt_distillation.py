@@ -72,6 +72,7 @@ class CLIConfig:
     eval_max_tokens: int = 24
     base_url: str | None = None
     wandb_project: str | None = None
+    seed: int | None = 0  # LoRA initialisation and sampling seeds; None: random
     if_exists: IfExists = "raise"
 
 
@@ -98,6 +99,7 @@ def build_config(cli: CLIConfig) -> prompt_distillation.Config:
         eval_every=cli.eval_every,
         eval_max_tokens=cli.eval_max_tokens,
         base_url=cli.base_url,
+        seed=cli.seed,
         wandb_project=cli.wandb_project,
     )
 

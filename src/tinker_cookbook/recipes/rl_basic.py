@@ -35,6 +35,7 @@ class CLIConfig:
     mode: Literal["sync", "stream", "async"] = "sync"
     max_steps_off_policy: int = 1
     base_url: str | None = None
+    seed: int | None = 0  # LoRA initialisation and sampling seeds; None: random
     if_exists: IfExists = "raise"
 
 
@@ -50,6 +51,7 @@ def build_config(cli: CLIConfig) -> train.Config:
         max_steps=cli.max_steps,
         save_every=0,
         base_url=cli.base_url,
+        seed=cli.seed,
         stream_minibatch=train.StreamMinibatchConfig() if cli.mode == "stream" else None,
         async_config=train.AsyncConfig(cli.max_steps_off_policy) if cli.mode == "async" else None,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 import tinker
@@ -39,6 +40,7 @@ class CLIConfig:
     learning_rate: float = 4e-4
     lora_rank: int = 16
     base_url: str | None = None
+    seed: int = 0  # LoRA initialisation, the problems and the sampling seeds
     if_exists: IfExists = "raise"
 
 
@@ -46,10 +48,10 @@ def main(cli: CLIConfig) -> None:
     check_log_dir(cli.log_path, cli.if_exists)
     ml_logger = MetricsLogger(cli.log_path, cli)
     service = tinker.ServiceClient(base_url=cli.base_url)
-    training_client = service.create_lora_training_client(cli.model_name, rank=cli.lora_rank)
+    training_client = service.create_lora_training_client(cli.model_name, rank=cli.lora_rank, seed=cli.seed)
     renderer = get_renderer(get_recommended_renderer_name(cli.model_name), training_client.get_tokenizer())
     params = tinker.SamplingParams(max_tokens=cli.max_tokens, temperature=1.0, stop=renderer.get_stop_sequences())
-    rng = random.Random(0)
+    rng = random.Random(cli.seed)
 
     for step in range(cli.max_steps):
         sampler = training_client.save_weights_and_get_sampling_client()
@@ -61,7 +63,10 @@ def main(cli: CLIConfig) -> None:
             for question, _ in problems
         ]
         # One sample() call per problem, all in flight at once.
-        futures = [sampler.sample(prompt, cli.group_size, params) for prompt in prompts]
+        futures = [
+            sampler.sample(prompt, cli.group_size, msgspec.structs.replace(params, seed=cli.seed * 1_000_003 + step * 1_009 + i))
+            for i, prompt in enumerate(prompts)
+        ]
         data, rewards = [], []
         for prompt, (_, answer), future in zip(prompts, problems, futures, strict=True):
             sequences = future.result().sequences

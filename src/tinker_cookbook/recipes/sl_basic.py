@@ -45,6 +45,7 @@ class CLIConfig:
     submit_ahead: int = 1
     base_url: str | None = None
     wandb_project: str | None = None
+    seed: int | None = 0  # LoRA initialisation and data order; None: random
     if_exists: IfExists = "raise"
 
 
@@ -62,6 +63,7 @@ def build_config(cli: CLIConfig) -> train.Config:
         max_steps=cli.max_steps,
         lora_rank=cli.lora_rank,
         base_url=cli.base_url,
+        seed=cli.seed,
         eval_every=cli.eval_every,
         save_every=cli.save_every,
         submit_ahead=cli.submit_ahead,

@@ -35,6 +35,7 @@ class CLIConfig:
     lora_rank: int = 16
     max_length: int = 256
     base_url: str | None = None
+    seed: int = 0  # LoRA initialisation and the order of the conversations
     if_exists: IfExists = "raise"
 
 
@@ -42,11 +43,11 @@ def main(cli: CLIConfig) -> None:
     check_log_dir(cli.log_path, cli.if_exists)
     ml_logger = MetricsLogger(cli.log_path, cli)
     service = tinker.ServiceClient(base_url=cli.base_url)
-    training_client = service.create_lora_training_client(cli.model_name, rank=cli.lora_rank)
+    training_client = service.create_lora_training_client(cli.model_name, rank=cli.lora_rank, seed=cli.seed)
     renderer = get_renderer(get_recommended_renderer_name(cli.model_name), training_client.get_tokenizer())
 
     conversations = load_conversations_jsonl(str(resources.files("tinker_cookbook") / "example_data" / "conversations.jsonl"))
-    rng = random.Random(0)
+    rng = random.Random(cli.seed)
     for step in range(cli.max_steps):
         batch = rng.sample(conversations, cli.batch_size)
         data = [conversation_to_datum(c, renderer, cli.max_length, TrainOnWhat.ALL_ASSISTANT_MESSAGES) for c in batch]

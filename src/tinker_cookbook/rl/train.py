@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import tinker
-from tinker_cookbook.completers import TinkerTokenCompleter
+from tinker_cookbook.completers import TinkerTokenCompleter, derive_seed
 from tinker_cookbook.eval.evaluators import SamplingClientEvaluator
 from tinker_cookbook.exceptions import ConfigurationError
 from tinker_cookbook.rl.data_processing import (
@@ -93,7 +93,9 @@ class Config:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     wandb_project: str | None = None
-    seed: int | None = None  # LoRA initialisation; None: random
+    seed: int | None = None
+    """LoRA initialisation and sampling: each group of each step samples with its own seed
+    derived from this one, so a sync-mode run is reproducible. None: random."""
 
 
 class _Trainer:
@@ -108,8 +110,10 @@ class _Trainer:
         self.evaluators = evaluators
         self.reference = reference
 
-    def policy(self, sampler: tinker.SamplingClient) -> TinkerTokenCompleter:
-        return TinkerTokenCompleter(sampler, self.config.max_tokens, self.config.temperature)
+    def policy(self, sampler: tinker.SamplingClient, step: int, group: int) -> TinkerTokenCompleter:
+        """The sampling policy of one group of one step (its own seed when the run has one)."""
+        seed = None if self.config.seed is None else derive_seed(self.config.seed, "rl", step, group)
+        return TinkerTokenCompleter(sampler, self.config.max_tokens, self.config.temperature, seed)
 
     def adam(self) -> tinker.AdamParams:
         return self.run.adam(self.config.learning_rate)
@@ -173,7 +177,7 @@ async def main(config: Config) -> None:
     dataset, test_dataset = config.dataset_builder(run.renderer)
     evaluators = list(config.evaluators)
     if test_dataset is not None:
-        evaluators.append(RLTestSetEvaluator(test_dataset, config.max_tokens))
+        evaluators.append(RLTestSetEvaluator(test_dataset, config.max_tokens, seed=config.seed))
     total = count_steps(len(dataset), max_steps=config.max_steps)
     reference = None
     if config.kl_penalty_coef:
@@ -202,7 +206,9 @@ async def _run_on_policy(trainer: _Trainer, start_step: int, total: int) -> None
         t_sample = time.perf_counter()
         builders = trainer.dataset.get_batch(step)
         if stream is None:
-            groups_P = await asyncio.gather(*(do_group_rollout(b, trainer.policy(sampler), step) for b in builders))
+            groups_P = await asyncio.gather(
+                *(do_group_rollout(b, trainer.policy(sampler, step, i), step) for i, b in enumerate(builders))
+            )
             metrics["time/sample"] = time.perf_counter() - t_sample
             t_train = time.perf_counter()
             data_D, masks_D, prep_metrics = await trainer.prepare(groups_P)
@@ -220,8 +226,7 @@ async def _stream_step(trainer: _Trainer, builders: list[EnvGroupBuilder], sampl
                        step: int, num_minibatches: int, metrics: dict[str, float]) -> list[TrajectoryGroup]:
     """Send each minibatch's forward_backward as soon as its groups are sampled; one optim_step."""
     t_sample = time.perf_counter()
-    policy = trainer.policy(sampler)
-    tasks = [asyncio.ensure_future(do_group_rollout(b, policy, step)) for b in builders]
+    tasks = [asyncio.ensure_future(do_group_rollout(b, trainer.policy(sampler, step, i), step)) for i, b in enumerate(builders)]
     per_minibatch = -(-len(tasks) // num_minibatches)
     done_P: list[TrajectoryGroup] = []
     waiting: list[TrajectoryGroup] = []
@@ -281,7 +286,7 @@ async def _run_async(trainer: _Trainer, start_step: int, total: int, async_confi
                 await changed.wait_for(caught_up)
             builder = trainer.dataset.get_batch(batch % len(trainer.dataset))[n % groups_per_batch]
             try:
-                group = await do_group_rollout(builder, trainer.policy(state.sampler), state.step)
+                group = await do_group_rollout(builder, trainer.policy(state.sampler, batch, n), state.step)
             except Exception as e:  # hand it to the learner, which raises it
                 await finished.put(e)
                 return

@@ -46,7 +46,7 @@ class CLIConfig:
     max_steps_off_policy: int = 1  # mode=async
     eval_every: int = 6
     save_every: int = 0
-    seed: int = 0
+    seed: int = 0  # the problems, LoRA initialisation and sampling seeds
     base_url: str | None = None
     wandb_project: str | None = None
     if_exists: IfExists = "raise"
@@ -75,6 +75,7 @@ def build_config(cli: CLIConfig) -> train.Config:
         eval_every=cli.eval_every,
         save_every=cli.save_every,
         base_url=cli.base_url,
+        seed=cli.seed,
         wandb_project=cli.wandb_project,
         stream_minibatch=train.StreamMinibatchConfig(cli.num_minibatches) if cli.mode == "stream" else None,
         async_config=train.AsyncConfig(cli.max_steps_off_policy) if cli.mode == "async" else None,
