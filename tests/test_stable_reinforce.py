@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+import numpy as np
 import pytest
 from conftest import TENANT_KEYS
 from test_losses import ref_stable_reinforce
@@ -224,16 +225,19 @@ def test_cookbook_datums_carry_provenance_over_merged_turns():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # 32 RL steps; measured 300 s for 20 of them on a machine at load 12
+@pytest.mark.timeout(600)  # 20 RL steps: est. 60-300 s loaded
 def test_cookbook_rl_loop_learns_with_stable_reinforce_async(tmp_path, monkeypatch):
-    """Our RL loop, async (one step off-policy), on the digits task of tests/cookbook/test_rl.py.
-    Measured once: reward 0.07 -> 0.51 at step 10 and 1.0 from step 13."""
-    from cookbook.test_rl import learned, rewards, rl_config
+    """Our RL loop, async (one step off-policy), seeded, on the digits task of
+    tests/cookbook/test_rl.py, with the bounds of that file's async test. Which policy version
+    samples which group depends on timing, so the curve varies a little between runs;
+    measured: first three 0.091, last four 1.0 (0.40, 0.77, 0.98 at steps 8-10)."""
+    from cookbook.test_rl import rewards, rl_config
 
     from tinker_cookbook.rl import train
 
     monkeypatch.delenv("TINKER_BASE_URL", raising=False)  # the embedded backend
-    config = rl_config(tmp_path, steps=32, loss_fn="stable_reinforce", async_config=train.AsyncConfig(max_steps_off_policy=1))
+    config = rl_config(tmp_path, steps=20, loss_fn="stable_reinforce", async_config=train.AsyncConfig(max_steps_off_policy=1))
     asyncio.run(train.main(config))
     r = rewards(tmp_path)
-    assert len(r) == 32 and learned(r), r
+    assert len(r) == 20, r
+    assert np.mean(r[:3]) < 0.2 and np.mean(r[-4:]) > 0.6, r
