@@ -108,6 +108,9 @@ def console(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[dev,console]")
     session.run("pytest", "tests/console/test_console.py", "tests/console/test_notebook.py", *session.posargs)
+
+
+@nox.session(python="3.11")
 def distributed(session: nox.Session) -> None:
     """Trainer groups in worker processes: FSDP2 over gloo ranks equals the single process,
     ``--workers local`` and ``ray`` end to end with their kill -9 fault tests (tests/distributed,
