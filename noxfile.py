@@ -102,8 +102,9 @@ def console(session: nox.Session) -> None:
     neither and run in the default suite."""
     if not os.path.exists("/usr/bin/chromium"):
         sudo = [] if os.geteuid() == 0 else ["sudo"]
-        session.run(*sudo, "apt-get", "update", external=True)
-        session.run(*sudo, "apt-get", "install", "-y", "--no-install-recommends", "chromium", external=True)
+        apt = [*sudo, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]  # no debconf prompts in CI
+        session.run(*apt, "update", external=True)
+        session.run(*apt, "install", "-y", "--no-install-recommends", "chromium", external=True)
     assert shutil.which("chromium"), "chromium: expected /usr/bin/chromium after apt-get install"
     session.install(TORCH)
     session.install("-e", ".[dev,console]")
