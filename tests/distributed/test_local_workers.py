@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import TINY, ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
@@ -86,6 +87,11 @@ def test_local_workers_give_the_single_process_numbers(server: ServerProcess, lo
     workers = healthz(local_server)["workers"][TINY]
     assert workers["placement"] == "local" and workers["trainer_ranks"] == 2 and workers["alive"]
     assert len(workers["pids"]) == 2 and all(pid != local_server.proc.pid for pid in workers["pids"])
+    # /metrics counts the group's model too (GroupEngine.stats): the in-server sampler decoded.
+    with urllib.request.urlopen(f"{local_server.base_url}/metrics", timeout=5) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    rows = [s.value for s in families["tinker_sampler_decode_rows"].samples if s.labels.get("base_model") == TINY]
+    assert rows and rows[0] >= 5, rows  # 6 tokens: the prefill gives the first, 5 decode steps the rest
 
 
 def test_kill_9_of_a_rank_fails_fast_and_the_run_resumes_from_its_save(local_server: ServerProcess) -> None:

@@ -108,6 +108,14 @@ class GroupEngine:
             "restarts": self.restarts,
         }
 
+    def stats(self) -> dict[str, Any]:
+        """For metrics and the console: the in-server sampler's decode counts and the group's
+        health. Adapter slots live in the ranks, which report none, so there are no tiers here."""
+        sampling_stats = getattr(self.sampling, "stats", None)
+        sampled = sampling_stats() if callable(sampling_stats) else {}
+        decode = {k: sampled[k] for k in ("decode_steps", "decoded_rows") if k in sampled}
+        return {**decode, "workers": self.health()}
+
     # -- training -----------------------------------------------------------------------------
 
     def has_adapter(self, adapter_id: str) -> bool:
