@@ -33,7 +33,9 @@ def make_adapter(folder: Path, base: torch.nn.Module | None = None, **lora: obje
 
     if base is None:
         base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(**{"r": 4, "lora_alpha": 16, **lora}))  # type: ignore[arg-type]
+    with torch.random.fork_rng():  # peft draws lora_A from the global generator: seed it, so the
+        torch.manual_seed(0)  # adapter does not depend on which tests ran before in this process
+        model = get_peft_model(base, LoraConfig(**{"r": 4, "lora_alpha": 16, **lora}))  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -73,7 +75,8 @@ def test_a_run_starts_from_a_peft_adapter_and_trains(
     before = tc.forward_backward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
     tc.optim_step(AdamParams(learning_rate=1e-2)).result(timeout=60)
     after = tc.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
-    assert after < before - 1e-3  # it trains (k_proj and o_proj too: B = 0 there at first)
+    print("import: loss:sum before and after one step", before, after)
+    assert after < before - 1e-3  # measured 114.30 -> 112.99 embedded, 111.47 server; it trains (k_proj, o_proj too: B = 0 at first)
     listed = service.create_rest_client().list_checkpoints(tc.model_id).result(timeout=60).checkpoints
     assert [c.tinker_path for c in listed] == [f"tinker://{tc.model_id}/weights/imported"]
 
