@@ -73,10 +73,12 @@ def test_a_run_starts_from_a_peft_adapter_and_trains(
     assert (base - reference).abs().max() > 1e-2  # the adapter changes the model
     assert torch.allclose(got, reference, atol=1e-4, rtol=0)
     before = tc.forward_backward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
-    tc.optim_step(AdamParams(learning_rate=1e-2)).result(timeout=60)
+    tc.optim_step(AdamParams(learning_rate=1e-3)).result(timeout=60)
     after = tc.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"]
     print("import: loss:sum before and after one step", before, after)
-    assert after < before - 1e-3  # measured 114.30 -> 112.99 embedded, 111.47 server; it trains (k_proj, o_proj too: B = 0 at first)
+    # lr 1e-3: the lacking modules start from a random A, and at 1e-2 one step overshot now and
+    # then (1 CI rehearsal in 3). Measured at 1e-3: 114.30 -> 112.55 to 113.11 (6 of 6 runs).
+    assert after < before - 1e-3  # it trains (k_proj and o_proj too: B = 0 there at first)
     listed = service.create_rest_client().list_checkpoints(tc.model_id).result(timeout=60).checkpoints
     assert [c.tinker_path for c in listed] == [f"tinker://{tc.model_id}/weights/imported"]
 
