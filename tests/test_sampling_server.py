@@ -362,3 +362,49 @@ def test_routed_sampler_routes_by_adapter() -> None:
     routed.close()
     assert vllm.calls == [("add", "plain"), ("submit", "plain"), ("submit", None), ("remove", "plain"), ("close", None)]
     assert batcher.calls == [("add", "unembed"), ("submit", "unembed"), ("step", None), ("remove", "unembed"), ("close", None)]
+
+
+def test_recorded_sampling_trains_stable_reinforce(setup: Setup) -> None:
+    """``record_stability_info`` on this server's sampler (vLLM on a vllm server, since the
+    adapter has no lm_head LoRA): ``stable_reinforce`` takes the logprobs that sampler returned
+    (not the ones the datum sends) and its ``loss:sum`` equals the per-token reference computed
+    from them; a sampled span whose tokens differ from the record gets a 400 naming the span."""
+    from test_losses import ref_stable_reinforce
+    from test_stable_reinforce import DEFAULTS, rl_datum
+
+    tc = setup.service.create_lora_training_client(TINY, rank=8, seed=7, train_unembed=False)
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True)
+    prompt = setup.full["a"][:4]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, stop=[])
+    sequences = sampler.sample(ModelInput.from_ints(prompt), 3, params).result().sequences
+    advantages = [1.0, -0.5, 0.25]
+    data = [rl_datum(prompt, s, a, logprobs_sent=-7.0) for s, a in zip(sequences, advantages, strict=True)]
+    # One step moves the learner off the sampler, so ratios leave 1 and the cap and mask matter.
+    tc.forward_backward(data, "stable_reinforce").result()
+    tc.optim_step(AdamParams(learning_rate=0.05)).result()
+    config = {"ratio_cap": 1.02, "kl_coeff": 0.3}
+    out = tc.forward_backward(data, "stable_reinforce", config).result()
+
+    want, gap = 0.0, 0.0
+    for seq, advantage, output in zip(sequences, advantages, out.loss_fn_outputs, strict=True):
+        assert seq.logprobs is not None
+        learner = output["logprobs"].tolist()[len(prompt) - 1 :]
+        n = len(seq.tokens)
+        want += ref_stable_reinforce(learner, seq.logprobs, [advantage] * n, [1.0] * n, **{**DEFAULTS, **config})[0]
+        gap = max(gap, max(abs(lp - q) for lp, q in zip(learner, seq.logprobs, strict=True)))
+    assert gap > 0.02, "the step should move the learner off the sampler"
+    assert out.metrics["loss:sum"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    served_by_torch = f"sampler {sampler.sampling_session_id} is served by the torch sampler" in setup.log.read_text()
+    assert not served_by_torch, "a vllm server must serve this adapter with vLLM"
+
+    recorded = sequences[0]
+    wrong = recorded.tokens[:]
+    wrong[2] = (wrong[2] + 1) % setup.tokenizer.vocab_size
+    forged = type(recorded)(stop_reason=recorded.stop_reason, tokens=wrong, sequence_id=recorded.sequence_id)
+    with pytest.raises(
+        tinker.BadRequestError,
+        match=rf"data\[0\]\.model_input_spans\[1\]: expected the datum's tokens to equal the sampled tokens of "
+        rf"'{recorded.sequence_id}' at 0\.\.{len(wrong) - 2}; position {len(prompt) + 2} is {wrong[2]}, "
+        rf"the record has {recorded.tokens[2]} \(at 2\)",
+    ):
+        tc.forward_backward([rl_datum(prompt, forged, 1.0)], "stable_reinforce").result()
