@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
-from conftest import TENANT_KEYS
+from conftest import TENANT_KEYS, ServerProcess
 from test_losses import ref_stable_reinforce
 
 import tinker
@@ -179,8 +180,10 @@ def test_a_record_expires_a_day_after_its_last_use():
     with pytest.raises(ServiceError, match="unknown sequence_id 's/1/0'"):
         records.resolve(request_naming("s/1/0", [7, 8, 9]), "bob")
     clock.now = 281.0
-    with pytest.raises(ServiceError, match="unknown sequence_id 's/1/0'"):
+    with pytest.raises(ServiceError, match=r"sequence_id 's/1/0' expired: unused for more than 100 s \(tinker-server --stability-ttl-s\)"):
         records.resolve(request_naming("s/1/0", [7, 8, 9]), "alice")
+    with pytest.raises(ServiceError, match="unknown sequence_id 's/1/0'"):  # another key learns nothing
+        records.resolve(request_naming("s/1/0", [7, 8, 9]), "bob")
     assert len(records) == 0
 
 
@@ -193,8 +196,73 @@ def test_the_cap_drops_the_least_recently_used():
     assert records.recorded_tokens == 10
     records.resolve(request_naming("s/1/0", [7, 8, 9]), "alice")
     records.resolve(request_naming("s/3/0", [7, 8, 9]), "alice")
-    with pytest.raises(ServiceError, match="unknown sequence_id 's/2/0'"):
+    with pytest.raises(ServiceError, match="sequence_id 's/2/0' was dropped: this server keeps at most 12 recorded tokens"):
         records.resolve(request_naming("s/2/0", [7, 8, 9]), "alice")
+
+
+# --- the operator's knobs, through a real server -----------------------------------------------
+
+
+@pytest.fixture
+def knob_server(tmp_path):
+    """``start(*flags)`` starts a ``tinker-server`` with ``flags``; stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*flags: str) -> tinker.ServiceClient:
+        started.append(ServerProcess(tmp_path / f"data-{len(started)}", *flags))
+        return tinker.ServiceClient(base_url=started[-1].base_url)
+
+    yield start
+    for server in started:
+        assert server.stop() == 0, server.log.read_text()[-4000:]
+
+
+def test_the_cap_flag_drops_the_least_recently_used(knob_server):
+    """Each record is 11 tokens (5 prompt + 6 sampled): a cap of 30 keeps two of them."""
+    service = knob_server("--stability-max-tokens", "30")
+    try:
+        tc = service.create_lora_training_client(TINY, rank=4, seed=0)
+        sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True)
+        a, b = (sample(sampler, n=1, seed=seed)[0] for seed in (1, 2))
+        tc.forward([rl_datum(PROMPT, a, 1.0)], "stable_reinforce").result()  # a is now the most recent
+        c = sample(sampler, n=1, seed=3)[0]
+        with pytest.raises(
+            tinker.BadRequestError,
+            match=rf"sequence_id '{b.sequence_id}' was dropped: this server keeps at most 30 recorded tokens, "
+            r"the least recently used go first \(tinker-server --stability-max-tokens\)",
+        ):
+            tc.forward([rl_datum(PROMPT, b, 1.0)], "stable_reinforce").result()
+        out = tc.forward([rl_datum(PROMPT, a, 1.0), rl_datum(PROMPT, c, 1.0)], "stable_reinforce").result()
+        assert math.isfinite(out.metrics["loss:sum"])
+    finally:
+        service.close().result(timeout=30)
+
+
+def test_the_ttl_flag_expires_records_with_a_clear_error(knob_server):
+    service = knob_server("--stability-ttl-s", "1")
+    try:
+        tc = service.create_lora_training_client(TINY, rank=4, seed=0)
+        sequence = sample(tc.save_weights_and_get_sampling_client(record_stability_info=True), n=1)[0]
+        time.sleep(1.5)
+        with pytest.raises(
+            tinker.BadRequestError,
+            match=rf"data\[0\]\.model_input_spans\[0\]\.sequence_id: sequence_id '{sequence.sequence_id}' expired: "
+            r"unused for more than 1 s \(tinker-server --stability-ttl-s\); sample it again",
+        ):
+            tc.forward([rl_datum(PROMPT, sequence, 1.0)], "stable_reinforce").result()
+    finally:
+        service.close().result(timeout=30)
+
+
+@pytest.mark.parametrize("flag", ["--stability-ttl-s", "--stability-max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "a day"])
+def test_bad_knob_values_stop_the_server_with_a_clear_error(flag, value, capsys):
+    from tinker_backend import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.parse_args([flag, value])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: expected an int >= 1, got {value!r}" in capsys.readouterr().err
 
 
 # --- our cookbook's RL loop ---------------------------------------------------------------------

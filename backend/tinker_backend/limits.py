@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 _HELP = {
@@ -13,6 +14,9 @@ _HELP = {
     "max_tokens_per_cycle": "tokens of forward/backward work merged into one clock cycle",
     "ephemeral_samplers_per_run": "in-memory samplers (save_weights_and_get_sampling_client) kept per "
     "training run; making one more unloads its oldest",
+    "stability_max_tokens": "tokens of sampling records (record_stability_info) kept in memory; past it the "
+    "least recently used records go",
+    "stability_ttl_s": "seconds a sampling record (record_stability_info) is kept without use",
 }
 
 
@@ -26,13 +30,34 @@ class Limits:
     host_adapters: int = 256
     max_tokens_per_cycle: int = 16384
     ephemeral_samplers_per_run: int = 8
+    stability_max_tokens: int = 16_000_000  # about 128 MB (stability.py)
+    stability_ttl_s: int = 24 * 3600  # a day, as the Tinker docs say
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            minimum = 0 if field.name == "host_adapters" else 1
+            minimum = _minimum(field.name)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{field.name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _minimum(name: str) -> int:
+    return 0 if name == "host_adapters" else 1
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a bad value stops the server with "expected an int >= N, got 'X'"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in fields(Limits):
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=int,
+            type=_int_at_least(_minimum(field.name)),
             default=field.default,
             help=f"{_HELP[field.name]} (default {field.default})",
         )

@@ -50,7 +50,8 @@ class Samplers:
         self._evicted: dict[str, set[str]] = {}  # session id -> its snapshots unloaded by the cap
         self._answers: OrderedDict[tuple[str, int], asyncio.Future[SampleResponse]] = OrderedDict()
         self._history_run: dict[str, str | None] = {}  # sampler id -> the run whose history counts its tokens
-        self.stability = StabilityRecords()  # what stable_reinforce needs from sampling
+        # What stable_reinforce needs from sampling.
+        self.stability = StabilityRecords(self.limits.stability_ttl_s, self.limits.stability_max_tokens)
 
     def is_loaded(self, sampler_id: str) -> bool:
         """Whether the sampler's adapter is in an engine now (for the console)."""

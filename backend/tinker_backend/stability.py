@@ -12,7 +12,9 @@ then gets a 400 that says so; sample again). They belong to the API key that sam
 (another key's request sees "unknown sequence"), expire after ``ttl_s`` (a day) without use,
 each training request that uses one restarting its day, and are bounded: past
 ``max_tokens`` recorded tokens (prompt and sampled tokens, a prompt shared by the sequences of
-one request counted once per sequence), the least recently used records go first.
+one request counted once per sequence), the least recently used records go first. Operators set
+both with ``tinker-server --stability-ttl-s`` and ``--stability-max-tokens``
+(``limits.Limits``). A request naming a record that expired or was dropped is told which and why.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from tinker_backend.errors import ServiceError
 DEFAULT_TTL_S = 24 * 3600.0
 # About 8 bytes per token (an int32 token, a float32 logprob): 16M tokens is about 128 MB.
 DEFAULT_MAX_TOKENS = 16_000_000
+# How many removed sequence ids are remembered, to say why one is gone (about 100 bytes each).
+_GONE_KEPT = 65536
 
 
 @dataclass
@@ -58,6 +62,7 @@ class StabilityRecords:
     ) -> None:
         self.ttl_s, self.max_tokens, self._clock = ttl_s, max_tokens, clock
         self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # sequence id -> (owner, why)
         self._tokens = 0
 
     def __len__(self) -> int:
@@ -92,21 +97,40 @@ class StabilityRecords:
     def _evict(self, now: float) -> None:
         while self._records:
             oldest = next(iter(self._records.values()))
-            if self._tokens <= self.max_tokens and now - oldest.last_used <= self.ttl_s:
+            expired = now - oldest.last_used > self.ttl_s
+            if self._tokens <= self.max_tokens and not expired:
                 return
-            self._tokens -= self._records.popitem(last=False)[1].size
+            sequence_id, entry = self._records.popitem(last=False)
+            self._tokens -= entry.size
+            self._forget(sequence_id, entry.owner, self._expired_why() if expired else self._dropped_why())
 
-    def _use(self, sequence_id: str, owner: str, field: str, now: float) -> _Record:
+    def _expired_why(self) -> str:
+        return f"expired: unused for more than {self.ttl_s:g} s (tinker-server --stability-ttl-s)"
+
+    def _dropped_why(self) -> str:
+        return (
+            f"was dropped: this server keeps at most {self.max_tokens} recorded tokens, the least recently "
+            "used go first (tinker-server --stability-max-tokens)"
+        )
+
+    def _forget(self, sequence_id: str, owner: str, why: str) -> None:
+        self._gone[sequence_id] = (owner, why)
+        while len(self._gone) > _GONE_KEPT:
+            self._gone.popitem(last=False)
+
+    def _use(self, sequence_id: str, owner: str, field: str) -> _Record:
+        """The live record (``resolve`` has evicted the expired ones), or a 400 saying why not."""
         entry = self._records.get(sequence_id)
-        if entry is None or entry.owner != owner or now - entry.last_used > self.ttl_s:
-            raise ServiceError(
-                400,
-                f"{field}: unknown sequence_id {sequence_id!r}: it must come from a sampler of this API key "
-                "created with record_stability_info=True, within a day of its last use, on this server process "
-                "(records are kept in memory, at most the newest "
-                f"{self.max_tokens} tokens)",
-            )
-        return entry
+        if entry is not None and entry.owner == owner:
+            return entry
+        gone = self._gone.get(sequence_id)
+        if gone is not None and gone[0] == owner:
+            raise ServiceError(400, f"{field}: sequence_id {sequence_id!r} {gone[1]}; sample it again")
+        raise ServiceError(
+            400,
+            f"{field}: unknown sequence_id {sequence_id!r}: it must come from a sampler of this API key "
+            f"created with record_stability_info=True, on this server process (records are kept in memory)",
+        )
 
     def resolve(self, request: wire.ForwardBackward, owner: str) -> wire.ForwardBackward:
         """``request`` with each datum's ``logprobs`` and ``sampled_mask`` taken from the records.
@@ -117,7 +141,7 @@ class StabilityRecords:
         now = self._clock()
         self._evict(now)
         used: dict[str, _Record] = {}
-        data = [self._resolve_datum(datum, i, owner, now, used) for i, datum in enumerate(request.data)]
+        data = [self._resolve_datum(datum, i, owner, used) for i, datum in enumerate(request.data)]
         for sequence_id, entry in used.items():
             entry.last_used = now
             self._records.move_to_end(sequence_id)
@@ -130,7 +154,7 @@ class StabilityRecords:
             forward_only=request.forward_only,
         )
 
-    def _resolve_datum(self, datum: Datum, i: int, owner: str, now: float, used: dict[str, _Record]) -> Datum:
+    def _resolve_datum(self, datum: Datum, i: int, owner: str, used: dict[str, _Record]) -> Datum:
         if datum.model_input_spans is None or datum.loss_fn_input_spans is None:
             raise ServiceError(
                 400,
@@ -142,7 +166,7 @@ class StabilityRecords:
             raise ServiceError(400, f"data[{i}].loss_fn_inputs['target_tokens']: expected a 1-D tensor for stable_reinforce")
 
         def lookup(sequence_id: str, field: str) -> _Record:
-            entry = used.get(sequence_id) or self._use(sequence_id, owner, field, now)
+            entry = used.get(sequence_id) or self._use(sequence_id, owner, field)
             used[sequence_id] = entry
             return entry
 
