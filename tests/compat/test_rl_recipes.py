@@ -6,12 +6,19 @@ spans, so each step here exercises recording, span checks and the loss over the 
 On the tiny random model the rewards barely vary; what these tests check is that the recipes
 run to the end, unchanged, and log their reward and training columns. Learning is measured on
 SmolLM2 (docs/compat.md) and, for the loss itself, in tests/test_stable_reinforce.py.
+
+The official RL loops log no loss: ``rl.train.train_step`` keeps only the ``logprobs`` of
+``forward_backward``'s answer and merges ``optim_step``'s metrics, and ``rl_loop`` drops the
+answer. So the columns checked are those, and the loss per step is read from our server's own
+run history (the console's JSON), which records every ``forward_backward``'s ``loss:sum``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,10 @@ from tinker_cookbook import model_info
 from tinker_cookbook.recipes import rl_loop
 from tinker_cookbook.recipes.math_rl import train as math_rl
 
-from .conftest import TINY
+from .conftest import API_KEY, TINY, CompatServer
+
+
+RECIPE_LEARNING_RATE = 1e-5  # math_rl.CLIConfig's default, checked in run_math_rl
 
 
 def metrics_of(log_path: Path, column: str) -> list[dict[str, Any]]:
@@ -46,6 +56,7 @@ def run_math_rl(log_path: Path, **overrides: Any) -> list[dict[str, Any]]:
         **overrides,
     )
     assert config.env == "arithmetic" and config.loss_fn == "stable_reinforce"
+    assert config.learning_rate == RECIPE_LEARNING_RATE
     asyncio.run(math_rl.cli_main(config))
     return metrics_of(log_path, "env/all/reward/total")
 
@@ -57,13 +68,38 @@ def check_rl_columns(rows: list[dict[str, Any]], steps: int) -> None:
         assert row["env/all/total_episodes"] == 8
         # The trainer's logprobs came back for every sampled token and equal the sampler's.
         assert abs(row["optim/kl_sample_train_v1"]) < 1e-3, row
+        # optim_step's metrics, as our server answers them; forward_backward's are not logged.
         assert row["grad_norm:max"] >= 0.0
+        assert row["learning_rate:max"] == RECIPE_LEARNING_RATE
+        assert not [key for key in row if "loss" in key], row
+
+
+def console(server: CompatServer, path: str) -> Any:
+    request = urllib.request.Request(server.base_url + path, headers={"X-API-Key": API_KEY})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def run_ids(server: CompatServer) -> set[str]:
+    return {run["run_id"] for run in console(server, "/console/api/runs")["runs"]}
+
+
+def server_losses(server: CompatServer, before: set[str]) -> list[float]:
+    """The loss per token of each step of the one run made since ``before``, from our history."""
+    (run_id,) = run_ids(server) - before
+    history = console(server, f"/console/api/runs/{run_id}")["history"]
+    return [point["loss_sum"] / point["weight_sum"] for point in history]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)  # 15 s on an idle 2-core machine
-def test_math_rl_arithmetic_with_its_defaults(tmp_path: Path, tiny_tokenizer: None) -> None:
+def test_math_rl_arithmetic_with_its_defaults(
+    tmp_path: Path, tiny_tokenizer: None, compat_server: CompatServer
+) -> None:
+    before = run_ids(compat_server)
     check_rl_columns(run_math_rl(tmp_path / "math_rl"), steps=2)
+    losses = server_losses(compat_server, before)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
 
 
 @pytest.mark.slow
