@@ -31,7 +31,6 @@ from tinker_cookbook.recipes.math_rl import train as math_rl
 
 from .conftest import API_KEY, TINY, CompatServer
 
-
 RECIPE_LEARNING_RATE = 1e-5  # math_rl.CLIConfig's default, checked in run_math_rl
 
 
