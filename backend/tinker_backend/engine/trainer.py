@@ -18,7 +18,7 @@ from torch.optim.adam import adam as adam_update
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
 from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
 
-from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
+from .lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from .losses import datum_loss
 from .protocol import FwdBwdItem
 
@@ -188,7 +188,8 @@ def forward_backward_batch(
     ``.grad``. A loss that fails marks only its own item; an adapter whose every backward item
     failed keeps the gradients it had.
     """
-    order, rows, segments, first_row = _layout(items)
+    ranks = {key: adapter.config.rank for key, adapter in adapters.items()}
+    order, rows, segments, first_row = _layout(items, ranks)
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     input_ids, attention_mask = _right_padded(rows, width)
@@ -234,10 +235,16 @@ def forward_backward_batch(
     return results
 
 
-def _layout(items: Sequence[PreparedItem]) -> tuple[list[int], list[list[int]], list[Segment], dict[int, int]]:
+def _layout(
+    items: Sequence[PreparedItem], ranks: Mapping[str, int]
+) -> tuple[list[int], list[list[int]], list[Segment], dict[int, int]]:
     """Rows of the batch: items sorted by adapter, training items first, so that each adapter
-    gets few segments. Returns (item order, token rows, segments, first row of each item)."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].key, not items[i].backward))
+    gets few segments, and adapters by rank bucket, so that a LoRA layer's buckets are
+    contiguous rows (no gather). Returns (item order, token rows, segments, first row of each item)."""
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (rank_bucket(ranks.get(items[i].key, 0)), items[i].key, not items[i].backward),
+    )
     rows: list[list[int]] = []
     segments: list[Segment] = []
     first_row: dict[int, int] = {}
