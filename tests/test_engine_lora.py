@@ -262,12 +262,12 @@ def test_each_rank_bucket_gets_its_own_bmm_without_padding_to_the_largest_rank()
 
 
 def test_mixed_rank_buckets_in_one_merged_pass_equal_each_run_alone(engine):
-    """Ranks 4, 8, 16 and 32 (two runs each, interleaved) in ONE forward_backward_many: each
+    """Ranks 4, 8, 16 and 32 (out of bucket order) in ONE forward_backward_many: each
     run's loss, logprobs and gradients equal its run alone (fp32, rtol 1e-5)."""
-    names = [f"rank{rank}-{i}" for i in range(2) for rank in (32, 4, 16, 8)]
+    names = [f"rank{rank}" for rank in (32, 4, 16, 8)]  # key order (16, 32, 4, 8) is not bucket order
     for seed, name in enumerate(names):
-        engine.create_adapter(name, LoraConfig(rank=int(name[4:].split("-")[0]), seed=seed))
-        train_a_little(engine, name, seed=seed)
+        engine.create_adapter(name, LoraConfig(rank=int(name[4:]), seed=seed))
+        train_a_little(engine, name, steps=1, seed=seed)
     generator = torch.Generator().manual_seed(7)
     items = [
         FwdBwdItem(name, [make_datum(generator, engine.vocab_size, n) for n in (40, 20 + i)], "cross_entropy", None, True)

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.adam import adam as adam_update
 
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
 from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
 
 from .lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from .losses import datum_loss
+from .optimizer import FlatState, adamw_steps
 from .protocol import FwdBwdItem
 
 __all__ = [
@@ -50,6 +50,7 @@ class TrainableAdapter:
         }
         self.step = 0
         self.optimizer = self._new_optimizer()
+        self.flat_state: FlatState | None = None  # set by adamw_steps (see optimizer.py)
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         # The hyper-parameters are set again by every optim_step. fused: one in-place kernel per
@@ -108,43 +109,6 @@ class TrainableAdapter:
                 weight_decay=adam.weight_decay,
             )
         return {"grad_norm:max": grad_norm, "learning_rate:max": adam.learning_rate}
-
-
-def adamw_steps(steps: Sequence[tuple[TrainableAdapter, AdamParams]]) -> None:
-    """Apply the AdamW step of several adapters (after their ``clip_and_measure``), then zero
-    their gradients: one fused multi-tensor update per set of equal hyper-parameters and device.
-
-    The fused kernel updates each tensor on its own, so the result equals each adapter's
-    ``torch.optim.AdamW(fused=True).step()``: the same state (``step``, ``exp_avg``,
-    ``exp_avg_sq`` in each adapter's ``optimizer.state``), initialised the same way.
-    """
-    groups: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
-    for adapter, adam in steps:
-        key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay, adapter.device_key())
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = groups.setdefault(key, [[], [], [], [], []])
-        for p in adapter.parameters():
-            if p.grad is None:
-                continue
-            state = adapter.optimizer.state[p]
-            if not state:  # as torch.optim.Adam._init_group does for fused=True
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-    for (lr, beta1, beta2, eps, weight_decay, _), (params, grads, exp_avgs, exp_avg_sqs, state_steps) in groups.items():
-        adam_update(
-            params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-            fused=True, decoupled_weight_decay=True,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
-        )
-    for adapter, _ in steps:
-        for p in adapter.parameters():
-            p.grad = None
-        adapter.step += 1
 
 
 @dataclass
