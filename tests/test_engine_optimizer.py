@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tinker.types import AdamParams, LoraConfig
-from tinker_backend.engine.optimizer import adamw_steps
+from tinker_backend.engine.optimizer import adamw_steps, flat_gradients
 from tinker_backend.engine.trainer import TrainableAdapter
 
 SHAPES = {"q": (24, 16), "down": (16, 40), "lm_head": (72, 16)}  # module: (out, in)
@@ -113,3 +113,25 @@ def test_adapters_step_as_flat_views_after_the_first_joint_update():
     adamw_steps([(adapter, ADAMS[0])])
     assert adapter.flat_state is flat  # views intact: nothing rebuilt
     assert flat.steps.tolist() == [2.0] * len(adapter.parameters())
+
+
+def test_autograd_accumulates_into_flat_gradients_and_the_update_stays_exact():
+    """After the first step, a backward pass writes the gradients straight into one flat tensor
+    (``flat_gradients``), accumulating over two passes; the update equals AdamW's."""
+    adapter = make_adapter(16, 3)
+    reference = Reference(adapter, fused=True)
+    probes = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(reference.params)]
+    for step in range(3):
+        if step:
+            flat_gradients(adapter)
+            flat_grad = adapter.parameters()[0].grad._base
+            assert flat_grad is not None and flat_grad.numel() == adapter.flat_state.params.numel()
+        for _ in range(2):  # two passes accumulate, as two forward_backward calls do
+            sum((p * p * probe).sum() for p, probe in zip(adapter.parameters(), probes, strict=True)).backward()
+            sum((p * p * probe).sum() for p, probe in zip(reference.params, probes, strict=True)).backward()
+        if step:  # accumulated in place, in the flat tensor
+            assert all(p.grad._base is flat_grad for p in adapter.parameters())
+        grads = [p.grad.clone() for p in reference.params]
+        adamw_steps([(adapter, ADAMS[1])])
+        reference.step(grads, ADAMS[1])
+        check(adapter, reference, exact=True)

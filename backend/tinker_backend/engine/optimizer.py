@@ -26,7 +26,7 @@ from tinker.types import AdamParams
 if TYPE_CHECKING:
     from .trainer import TrainableAdapter
 
-__all__ = ["FlatState", "adamw_steps", "flatten"]
+__all__ = ["FlatState", "adamw_steps", "flat_gradients", "flatten"]
 
 
 def flatten(params: Sequence[nn.Parameter]) -> torch.Tensor:
@@ -58,19 +58,36 @@ class FlatState(NamedTuple):
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     steps: torch.Tensor  # [tensors]: the ``step`` of each tensor's state, all equal
-    pointers: tuple[int, ...]  # where every view starts: changed pointers mean broken views
+    pointers: tuple[int, ...]  # where every weight view starts: changed pointers mean broken views
+    state: Any  # the optimizer's state object the views were put in (a new one after a load)
 
 
-def _pointers(params: Sequence[nn.Parameter], state: Any) -> tuple[int, ...] | None:
-    states = [state.get(p) for p in params]
-    if not all(states):
-        return None
-    return (
-        *(p.data_ptr() for p in params),
-        *(s["exp_avg"].data_ptr() for s in states),
-        *(s["exp_avg_sq"].data_ptr() for s in states),
-        *(s["step"].data_ptr() for s in states),
-    )
+def flat_gradients(adapter: TrainableAdapter) -> None:
+    """Before a backward pass: give an adapter with flat buffers and no gradient yet zero
+    gradients that are views of one new flat tensor, so that autograd accumulates into them in
+    place and ``adamw_steps`` needs no copy. A new tensor each time: older gradients handed out
+    (e.g. kept aside by a sharded pass) must not change."""
+    flat = adapter.flat_state
+    params = adapter.parameters()
+    if flat is None or any(p.grad is not None for p in params) or not _intact(flat, adapter, params):
+        return
+    for p, grad in zip(params, _views(torch.zeros_like(flat.params), params), strict=True):
+        p.grad = grad
+
+
+def _intact(flat: FlatState, adapter: TrainableAdapter, params: Sequence[nn.Parameter]) -> bool:
+    return adapter.optimizer.state is flat.state and tuple(p.data_ptr() for p in params) == flat.pointers
+
+
+def _flat_grad(flat: FlatState, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The gradients as one flat tensor: the one they are views of (``flat_gradients``), or a copy."""
+    grads = [p.grad for p in params]
+    base = grads[0]._base  # type: ignore[union-attr]
+    if base is not None and base.shape == flat.params.shape:
+        shift = base.data_ptr() - flat.params.data_ptr()
+        if tuple(g.data_ptr() - shift for g in grads) == flat.pointers:  # type: ignore[union-attr]
+            return base
+    return torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
 
 
 def _flat_state(adapter: TrainableAdapter, params: list[nn.Parameter]) -> FlatState | None:
@@ -78,7 +95,7 @@ def _flat_state(adapter: TrainableAdapter, params: list[nn.Parameter]) -> FlatSt
     (some tensors have AdamW state and others not, or their step counts differ)."""
     state = adapter.optimizer.state
     cached = adapter.flat_state
-    if cached is not None and _pointers(params, state) == cached.pointers:
+    if cached is not None and _intact(cached, adapter, params):
         return cached
     states = [state.get(p) for p in params]
     flat = flatten(params)  # a copy, only when the views were broken (rare)
@@ -95,8 +112,7 @@ def _flat_state(adapter: TrainableAdapter, params: list[nn.Parameter]) -> FlatSt
         return None
     for p, m, v, step in zip(params, _views(exp_avg, params), _views(exp_avg_sq, params), steps, strict=True):
         state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
-    adapter.flat_state = FlatState(flat, exp_avg, exp_avg_sq, steps, ())
-    adapter.flat_state = adapter.flat_state._replace(pointers=_pointers(params, state) or ())
+    adapter.flat_state = FlatState(flat, exp_avg, exp_avg_sq, steps, tuple(p.data_ptr() for p in params), state)
     return adapter.flat_state
 
 
@@ -137,8 +153,7 @@ def adamw_steps(steps: Sequence[tuple[TrainableAdapter, AdamParams]]) -> None:
             for values, more in zip(group, _per_tensor(adapter, params), strict=True):
                 values.extend(more)
             continue
-        flat_grad = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
-        for values, value in zip(group, (flat.params, flat_grad, flat.exp_avg, flat.exp_avg_sq, flat.steps[0]),
+        for values, value in zip(group, (flat.params, _flat_grad(flat, params), flat.exp_avg, flat.exp_avg_sq, flat.steps[0]),
                                  strict=True):
             values.append(value)
         flat_steps.append(flat.steps)

@@ -19,7 +19,7 @@ from tinker.validation import check_data_for_model, check_forward_backward, reso
 
 from .lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from .losses import datum_loss
-from .optimizer import FlatState, adamw_steps
+from .optimizer import FlatState, adamw_steps, flat_gradients
 from .protocol import FwdBwdItem
 
 __all__ = [
@@ -192,6 +192,8 @@ def forward_backward_batch(
                 total = loss if total is None else total + loss
                 succeeded.add(item.key)
     if total is not None:
+        for key in succeeded:
+            flat_gradients(adapters[key])  # autograd then accumulates into one flat tensor
         total.backward()
     for key in trained - succeeded:  # backward through the shared graph left zeros there
         for p in untouched_grads[key]:
