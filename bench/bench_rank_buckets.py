@@ -13,22 +13,25 @@ take turns cycle by cycle, so that load from other processes hits all of them al
 
 It prints the median (and min) ms per cycle of each and ``variant / one-run`` of the medians,
 by the wall clock and by this process's CPU time (with ``OMP_NUM_THREADS=1`` the work done,
-which other processes on a shared machine inflate much less than the wall time).
+which other processes on a shared machine inflate much less than the wall time), and the wall
+time of the joint AdamW update alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from bench_small_tenants import batch, ranks_of
 
 from tinker.types import AdamParams, LoraConfig
-from tinker_backend.engine import lora, optimizer, trainer
+from tinker_backend.engine import lora, model_engine, optimizer, trainer
 from tinker_backend.engine.model_engine import ModelEngine
 from tinker_backend.engine.protocol import FwdBwdItem
 from tinker_backend.model_registry import resolve_model
@@ -41,12 +44,12 @@ def variant(engine: ModelEngine, buckets: bool, flat: bool) -> Iterator[None]:
     The per-tensor AdamW updates the flat views in place and every tensor steps, so the flat
     buffers stay valid: they are kept for the next ``new`` cycle instead of built again."""
     saved = lora.rank_bucket, trainer.rank_bucket, optimizer._flat_state, trainer.flat_gradients
-    flat_states = {adapter: adapter.flat_state for adapter in engine._adapters.resident()}
+    flat_states = {} if flat else {adapter: adapter.flat_state for adapter in engine._adapters.resident()}
     if not buckets:
-        lora.rank_bucket = trainer.rank_bucket = lambda rank: 1 << 30  # type: ignore[assignment]
+        lora.rank_bucket = trainer.rank_bucket = lambda rank: 1 << 30
     if not flat:
-        optimizer._flat_state = lambda adapter, params: None  # type: ignore[assignment]
-        trainer.flat_gradients = lambda adapter: None  # type: ignore[assignment]
+        optimizer._flat_state = lambda adapter, params: None
+        trainer.flat_gradients = lambda adapter: None
     try:
         yield
     finally:
@@ -79,31 +82,43 @@ def main() -> None:
     one = [FwdBwdItem("one", [d for n in names for d in data[n]], "cross_entropy", None, True)]
     variants: dict[str, Callable[[], None]] = {}
     for label, buckets, flat in (("old", False, False), ("buckets", True, False), ("new", True, True)):
-        variants[label] = lambda b=buckets, f=flat: _run(variant(engine, b, f), lambda: cycle(merged))
+        variants[label] = functools.partial(_run, engine, buckets, flat, lambda: cycle(merged))
     variants["one-run"] = lambda: cycle(one)
+    adamw_seconds = [0.0]
+    adamw_steps = model_engine.adamw_steps
+
+    def timed_adamw(*args: Any) -> None:
+        start = time.perf_counter()
+        adamw_steps(*args)
+        adamw_seconds[0] += time.perf_counter() - start
+
+    model_engine.adamw_steps = timed_adamw
+    adamw: dict[str, list[float]] = {label: [] for label in variants}
     times: dict[str, list[float]] = {label: [] for label in variants}
     cpu: dict[str, list[float]] = {label: [] for label in variants}
     for run in variants.values():  # warm up (and the flat buffers built)
         run()
     for _ in range(args.cycles):
         for label, run in variants.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, start_cpu, adamw_seconds[0] = time.perf_counter(), time.process_time(), 0.0
             run()
+            adamw[label].append(adamw_seconds[0])
             times[label].append(time.perf_counter() - start)
             cpu[label].append(time.process_time() - start_cpu)
     base, base_cpu = statistics.median(times["one-run"]), statistics.median(cpu["one-run"])
     print(f"{args.runs} runs, {args.ranks} ranks, {args.cycles} cycles each, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| variant | wall ms/cycle: median (min) | / one-run | CPU ms/cycle: median (min) | / one-run |\n"
-          "|---|---|---|---|---|")
+    print("| variant | wall ms/cycle: median (min) | / one-run | CPU ms/cycle: median (min) | / one-run "
+          "| AdamW ms/cycle: median (min) |\n|---|---|---|---|---|---|")
     for label, values in times.items():
         median, median_cpu = statistics.median(values), statistics.median(cpu[label])
         print(f"| {label} | {1000 * median:.1f} ({1000 * min(values):.1f}) | x{median / base:.2f} | "
-              f"{1000 * median_cpu:.1f} ({1000 * min(cpu[label]):.1f}) | x{median_cpu / base_cpu:.2f} |")
+              f"{1000 * median_cpu:.1f} ({1000 * min(cpu[label]):.1f}) | x{median_cpu / base_cpu:.2f} | "
+              f"{1000 * statistics.median(adamw[label]):.1f} ({1000 * min(adamw[label]):.1f}) |")
 
 
-def _run(context: contextlib.AbstractContextManager[None], fn: Callable[[], None]) -> None:
-    with context:
+def _run(engine: ModelEngine, buckets: bool, flat: bool, fn: Callable[[], None]) -> None:
+    with variant(engine, buckets, flat):
         fn()
 
 
