@@ -43,6 +43,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_training.py", *session.posargs)
     session.run("python", "bench/bench_multitenant.py")
     session.run("python", "bench/bench_small_tenants.py", "--profile")
+    session.run("python", "bench/bench_rank_buckets.py")
     session.run("python", "bench/bench_sampling.py")
 
 

@@ -1,7 +1,8 @@
 """Many small tenants: N runs of 2 short sequences each, merged clock cycles vs one big run.
 
-    python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed]
-        [--transports embedded server] [--steps 24] [--device cpu|cuda] [--profile]
+    python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed] [--repeat 3]
+        [--transports embedded server] [--steps 24] [--no-serial] [--clock wall|process]
+        [--device cpu|cuda] [--profile]
 
 Each run trains 2 sequences (40 and 20 tokens) with ``--steps`` pipelined ``forward_backward``
 + ``optim_step`` (step k+1 of every run is submitted before step k is awaited). Ranks are all
@@ -13,7 +14,13 @@ each after one warm-up step:
   serial    the same N runs one at a time (each run's steps done before the next starts)
 
 and it prints ``merged / one-run`` (lower is better; target <= 1.15 for 8 runs, <= 1.3 for 32)
-and ``serial / merged`` (the speed-up of merging; target >= 1.5), each from this one run.
+and ``serial / merged`` (the speed-up of merging; target >= 1.5). ``--repeat K`` measures the
+three modes K times in turn with the same clients (merged, one-run, serial, merged, ...), so
+that load from other processes hits all of them, and prints the median ratio with its min and
+max over the K repeats; the ms/step columns are medians. ``--no-serial`` leaves the (slow)
+serial mode out. ``--clock process`` (embedded only) times each mode by the CPU time of this
+process instead of the wall clock: with one torch thread (``OMP_NUM_THREADS=1``) that is the
+work done, which other processes on a shared machine inflate much less than the wall time.
 ``embedded`` is the in-process backend, ``server`` a ``tinker-server`` on loopback.
 
 ``--profile`` (embedded only) adds where a merged cycle's time goes, per stage, in ms per
@@ -32,6 +39,7 @@ import contextlib
 import functools
 import os
 import random
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -47,6 +55,8 @@ LENGTHS = (40, 20)  # tokens of each run's two sequences
 MIXED_RANKS = (4, 8, 16, 32)
 ONE_RUN_RANK = 8
 VOCAB = 2048  # tiny-llama's
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+clock = time.perf_counter  # what ``pipelined`` times with (``--clock``)
 
 
 def batch(seed: int) -> list[Any]:
@@ -66,7 +76,7 @@ def pipelined(clients: list[tinker.TrainingClient], batches: list[list[Any]], st
     from tinker import AdamParams
 
     adam = AdamParams(learning_rate=1e-4)
-    start = time.perf_counter()
+    start = clock()
     previous: list[Any] = []
     for _ in range(steps):
         current = [f for tc, b in zip(clients, batches, strict=True)
@@ -76,7 +86,7 @@ def pipelined(clients: list[tinker.TrainingClient], batches: list[list[Any]], st
         previous = current
     for f in previous:
         f.result()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def serial(clients: list[tinker.TrainingClient], batches: list[list[Any]], steps: int) -> float:
@@ -87,25 +97,46 @@ def ranks_of(kind: str, runs: int) -> list[int]:
     return [8] * runs if kind == "equal" else [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(runs)]
 
 
-def measure(service: tinker.ServiceClient, model: str, runs: int, kind: str, steps: int) -> dict[str, float]:
+def measure(
+    service: tinker.ServiceClient, model: str, runs: int, kind: str, steps: int, repeat: int, with_serial: bool
+) -> dict[str, list[float]]:
+    """Seconds of each mode, ``repeat`` times, the modes taking turns."""
     ranks = ranks_of(kind, runs)
     clients = [service.create_lora_training_client(model, rank=r, seed=i) for i, r in enumerate(ranks)]
     batches = [batch(i) for i in range(runs)]
     big = service.create_lora_training_client(model, rank=ONE_RUN_RANK, seed=1000)
     big_batch = [d for b in batches for d in b]
-    pipelined(clients, batches, 1), pipelined([big], [big_batch], 1), serial(clients, batches, 1)  # warm up
-    t_merged = pipelined(clients, batches, steps)
-    t_one = pipelined([big], [big_batch], steps)
-    t_serial = serial(clients, batches, steps)
-    return {"merged": t_merged, "one": t_one, "serial": t_serial}
+    modes: dict[str, Callable[[int], float]] = {
+        "merged": lambda n: pipelined(clients, batches, n),
+        "one": lambda n: pipelined([big], [big_batch], n),
+    }
+    if with_serial:
+        modes["serial"] = lambda n: serial(clients, batches, n)
+    for run in modes.values():  # warm up
+        run(1)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeat):
+        for mode, run in modes.items():
+            times[mode].append(run(steps))
+    return times
 
 
-def report(transport: str, runs: int, kind: str, steps: int, t: dict[str, float]) -> str:
+def _spread(values: list[float]) -> str:
+    """``xMEDIAN`` and, over several values, ``(min-max)``."""
+    text = f"**x{statistics.median(values):.2f}**"
+    return text if len(values) == 1 else f"{text} ({min(values):.2f}-{max(values):.2f})"
+
+
+def report(transport: str, runs: int, kind: str, steps: int, t: dict[str, list[float]]) -> str:
+    """One table row: median ms/step of each mode, then the ratios (median, min-max) per repeat."""
     tokens = steps * runs * sum(LENGTHS)
+    ms = {mode: f"{1000 * statistics.median(v) / steps:.1f}" for mode, v in t.items()}
+    merged_over_one = [m / o for m, o in zip(t["merged"], t["one"], strict=True)]
+    serial_over_merged = [s / m for s, m in zip(t.get("serial", []), t["merged"], strict=False)]
     row = (
-        f"| {transport} | {runs} | {kind} | {1000 * t['merged'] / steps:.1f} | {1000 * t['one'] / steps:.1f} | "
-        f"{1000 * t['serial'] / steps:.1f} | {tokens / t['merged']:.0f} | **x{t['merged'] / t['one']:.2f}** | "
-        f"**x{t['serial'] / t['merged']:.2f}** |"
+        f"| {transport} | {runs} | {kind} | {ms['merged']} | {ms['one']} | {ms.get('serial', '-')} | "
+        f"{tokens / statistics.median(t['merged']):.0f} | {_spread(merged_over_one)} | "
+        f"{_spread(serial_over_merged) if serial_over_merged else '-'} |"
     )
     print(row, flush=True)
     return row
@@ -234,10 +265,21 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", choices=["equal", "mixed"], default=["equal", "mixed"])
     parser.add_argument("--transports", nargs="+", choices=["embedded", "server"], default=["embedded", "server"])
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=3, help="measure each mode this many times, in turn")
+    parser.add_argument("--serial", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the runs one at a time (slow)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall clock, or this process's CPU time (embedded only)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--profile", action="store_true", help="also the per-stage profile (embedded)")
     parser.add_argument("--profile-only", action="store_true", help="only the per-stage profile")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat: expected >= 1, got {args.repeat}")
+    if args.clock == "process" and args.transports != ["embedded"]:
+        parser.error("--clock process: expected --transports embedded (a server computes in another process)")
+    global clock
+    clock = CLOCKS[args.clock]
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported, here and in a server
     import torch
@@ -248,7 +290,8 @@ def main() -> None:
         sys.exit("--device cuda: torch sees no CUDA device")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{args.model} on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.2f}, {args.steps} steps, sequences of {LENGTHS} tokens per run")
+          f"load average {os.getloadavg()[0]:.2f}, {args.steps} steps, sequences of {LENGTHS} tokens per run, "
+          f"{args.clock} clock")
     if not args.profile_only:
         print("| transport | runs | ranks | merged ms/step | one-run ms/step | serial ms/step | merged tok/s "
               "| merged / one-run | serial / merged |\n|---|---|---|---|---|---|---|---|---|")
@@ -256,13 +299,15 @@ def main() -> None:
             for runs in args.runs:
                 for kind in args.ranks:
                     if transport == "embedded":
-                        t = measure(tinker.ServiceClient(data_dir=temp_data_dir()), args.model, runs, kind, args.steps)
+                        service = tinker.ServiceClient(data_dir=temp_data_dir())
+                        t = measure(service, args.model, runs, kind, args.steps, args.repeat, args.serial)
                     else:
                         with Server() as server:
                             service = tinker.ServiceClient(base_url=server.base_url)
-                            t = measure(service, args.model, runs, kind, args.steps)
+                            t = measure(service, args.model, runs, kind, args.steps, args.repeat, args.serial)
                             service.close().result()
                     report(transport, runs, kind, args.steps, t)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile or args.profile_only:
         for runs in args.runs:
             for kind in args.ranks:

@@ -15,6 +15,9 @@ shapes, tiny-llama's tokenizer: the token ids are random anyway) and measures, i
 3. The torch sampler at 64 concurrent requests over 8 adapters (prompt 128, 128 new tokens):
    generated tokens/s.
 4. The bf16-vs-fp32 loss gap: the same batch and adapter in both dtypes, before and after 5 steps.
+5. Many small tenants (``bench_small_tenants.py``'s case, tiny-llama through the embedded
+   client): 8 and 32 runs of 2 short sequences, equal and mixed ranks, merged / one-run and
+   serial / merged (medians of 3 repeats).
 
 Runs in well under 8 minutes on an H100/H200. Writes the JSON and prints a table.
 """
@@ -142,6 +145,28 @@ def dtype_gap(path: Path, device: str, args: argparse.Namespace) -> dict[str, fl
             "fp32_loss_after_5": fp32[1], "bf16_loss_after_5": bf16[1], "rel_gap_after_5": abs(bf16[1] - fp32[1]) / fp32[1]}
 
 
+def small_tenants(args: argparse.Namespace) -> dict[str, float]:
+    """``bench_small_tenants.py`` on this machine's device (the embedded backend picks CUDA)."""
+    import statistics
+
+    import bench_small_tenants as small
+
+    import tinker
+
+    results = {}
+    for runs in (8, 32):
+        for kind in ("equal", "mixed"):
+            service = tinker.ServiceClient(data_dir=small.temp_data_dir())
+            t = small.measure(service, "tiny-llama", runs, kind, args.small_steps, args.small_repeat, True)
+            service.close().result()
+            results[f"{runs}_{kind}_merged_over_one_run"] = statistics.median(
+                m / o for m, o in zip(t["merged"], t["one"], strict=True))
+            results[f"{runs}_{kind}_serial_over_merged"] = statistics.median(
+                s / m for s, m in zip(t["serial"], t["merged"], strict=True))
+            results[f"{runs}_{kind}_merged_ms_per_step"] = 1000 * statistics.median(t["merged"]) / args.small_steps
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu_suite.json"))
@@ -152,6 +177,7 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
     args.rows, args.length, args.repeats, args.new_tokens = (2, 16, 1, 8) if args.smoke else (8, 512, 5, 128)
+    args.small_steps, args.small_repeat = (2, 1) if args.smoke else (24, 3)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp), size)
@@ -166,6 +192,7 @@ def main() -> None:
         }
         del engine
         results["dtype_gap"] = dtype_gap(path, device, args)
+    results["small_tenants"] = small_tenants(args)
     results["seconds"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=2))
     for section, values in results.items():

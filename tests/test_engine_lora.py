@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
-from tinker_backend.engine.lora import LoraLinear, LoraRouting, LoraWeights, Segment
+from tinker_backend.engine.lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
 from tinker_backend.model_registry import resolve_model
 
@@ -210,6 +210,85 @@ def test_merged_batch_equals_separate_runs(engine):
         assert all(g is None for g in grads(engine, "delta"))  # forward-only: no gradient at all
     finally:
         for name in configs:
+            engine.remove_adapter(name)
+
+
+def test_rank_buckets_are_powers_of_two():
+    assert [rank_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64
+    ]
+
+
+def test_each_rank_bucket_gets_its_own_bmm_without_padding_to_the_largest_rank():
+    """Ranks 4/8/16/32 (interleaved, uneven rows, a no-grad segment) in one batch: one block
+    shape per bucket, values and gradients equal the per-segment loop."""
+    torch.manual_seed(0)
+    routing = LoraRouting()
+    layer = LoraLinear(torch.nn.Linear(16, 12), routing, "mlp")
+    for rank in (4, 8, 16, 32, 3):
+        layer.adapters[f"r{rank}"] = LoraWeights(
+            torch.randn(rank, 16, requires_grad=True), torch.randn(12, rank, requires_grad=True), 32 / rank
+        )
+    routing.set([("r32", 0, 2), ("r4", 2, 4), ("r16", 4, 7), ("r8", 7, 9), ("r3", 9, 10), ("r4", 10, 12, False)])
+    seen = []
+    bmm = torch.bmm
+
+    def recording_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(b.shape))
+        return bmm(a, b)
+
+    x = torch.randn(routing.num_rows, 5, 16, requires_grad=True)
+    probe = torch.randn(routing.num_rows, 5, 12)
+    results = []
+    for run in (layer.forward, lambda x: layer._looped(x, layer.base(x))):
+        torch.bmm = recording_bmm  # type: ignore[assignment]
+        try:
+            y = run(x)
+        finally:
+            torch.bmm = bmm  # type: ignore[assignment]
+        (y * probe).sum().backward()
+        results.append((y.detach(), x.grad, {n: (w.A.grad, w.B.grad) for n, w in layer.adapters.items()}))
+        x.grad = None
+        for w in layer.adapters.values():
+            w.A.grad = w.B.grad = None
+    # Buckets 4 (ranks 3 and 4, padded to 4), 8, 16 and 32: the second bmm of each has B.T of
+    # [blocks, bucket rank, out]; nothing is padded to 32 but the rank-32 adapter itself.
+    assert sorted(shape[1] for shape in seen if shape[-1] == 12) == [4, 8, 16, 32]
+    (batched, batched_dx, batched_grads), (looped, looped_dx, looped_grads) = results
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)  # fp32, other summation order
+    torch.testing.assert_close(batched_dx, looped_dx, rtol=1e-5, atol=1e-5)
+    for name, expected in looped_grads.items():
+        torch.testing.assert_close(batched_grads[name], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_rank_buckets_in_one_merged_pass_equal_each_run_alone(engine):
+    """Ranks 4, 8, 16 and 32 (out of bucket order) in ONE forward_backward_many: each
+    run's loss, logprobs and gradients equal its run alone (fp32, rtol 1e-5)."""
+    names = [f"rank{rank}" for rank in (32, 4, 16, 8)]  # key order (16, 32, 4, 8) is not bucket order
+    for seed, name in enumerate(names):
+        engine.create_adapter(name, LoraConfig(rank=int(name[4:]), seed=seed))
+        train_a_little(engine, name, steps=1, seed=seed)
+    generator = torch.Generator().manual_seed(7)
+    items = [
+        FwdBwdItem(name, [make_datum(generator, engine.vocab_size, n) for n in (40, 20 + i)], "cross_entropy", None, True)
+        for i, name in enumerate(names)
+    ]
+    try:
+        alone = []
+        for item in items:
+            alone.append((engine.forward_backward(*item), grads(engine, item.adapter_id)))
+            clear_grads(engine, item.adapter_id)
+        merged = engine.forward_backward_many(items)
+        for item, (expected, expected_grads), got in zip(items, alone, merged, strict=True):
+            assert got.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-5)
+            for out_got, out_expected in zip(got.loss_fn_outputs, expected.loss_fn_outputs, strict=True):
+                torch.testing.assert_close(
+                    out_got["logprobs"].to_torch(), out_expected["logprobs"].to_torch(), rtol=1e-5, atol=1e-6
+                )
+            for g, e in zip(grads(engine, item.adapter_id), expected_grads, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+    finally:
+        for name in names:
             engine.remove_adapter(name)
 
 

@@ -14,6 +14,7 @@ the rank, so users can change the rank without re-tuning.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -33,6 +34,7 @@ __all__ = [
     "Segment",
     "attach_lora_layers",
     "init_lora_weights",
+    "rank_bucket",
     "target_paths",
 ]
 
@@ -57,15 +59,25 @@ class Segment(NamedTuple):
     requires_grad: bool = True
 
 
+def rank_bucket(rank: int) -> int:
+    """The bucket of a LoRA rank: the smallest power of two >= ``rank``.
+
+    Adapters of one bucket share two ``bmm`` (zero-padded to the bucket's largest rank), so no
+    adapter is padded to more than twice its rank, whatever the other ranks in the batch.
+    """
+    return 1 << max(rank - 1, 0).bit_length()
+
+
 class _Plan(NamedTuple):
     """How one layer's batched delta lays out the rows of its adapters (see ``LoraLinear``).
 
     The adapters' rows are cut into ``len(blocks)`` blocks of ``length`` rows each (a segment
-    longer than ``length`` gives several blocks, a shorter one is padded), so that two ``bmm``
-    compute every block's delta at once.
+    longer than ``length`` gives several blocks, a shorter one is padded), grouped by the rank
+    bucket of their adapter, so that two ``bmm`` per bucket compute every block's delta.
     """
 
-    blocks: tuple[int, ...]  # the segment (its index in the routing) of each block
+    blocks: tuple[int, ...]  # the segment (its index in the routing) of each block, by bucket
+    buckets: tuple[int, ...]  # how many blocks each rank bucket has, in the order of ``blocks``
     length: int
     row_index: torch.Tensor | None  # [blocks * length] batch row of each block row; None: rows 0..n in order
     mask: torch.Tensor | None  # [blocks * length] 1 for a real row, 0 for padding; None: no padding
@@ -95,27 +107,41 @@ class LoraRouting:
         self._plans = {}
 
     def plan(
-        self, active: tuple[int, ...], scalings: tuple[float, ...], dtype: torch.dtype, device: torch.device
+        self,
+        active: tuple[int, ...],
+        scalings: tuple[float, ...],
+        ranks: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> _Plan:
-        """The block layout for the segments ``active`` (indices into ``segments``), cached."""
-        key = (active, scalings, dtype, device)
+        """The block layout for the segments ``active`` (indices into ``segments``) whose
+        adapters have ``scalings`` and ``ranks``, cached."""
+        key = (active, scalings, ranks, dtype, device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(active, scalings, dtype, device)
+            plan = self._plans[key] = self._make_plan(active, scalings, ranks, dtype, device)
         return plan
 
     def _make_plan(
-        self, active: tuple[int, ...], scalings: tuple[float, ...], dtype: torch.dtype, device: torch.device
+        self,
+        active: tuple[int, ...],
+        scalings: tuple[float, ...],
+        ranks: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> _Plan:
         segments = [self.segments[i] for i in active]
         # Blocks of the mean segment length: equal segments stay whole and unpadded, and a
         # long segment is split rather than padding every other one to its length.
         length = -(-sum(seg.stop - seg.start for seg in segments) // len(segments))
-        blocks, rows, real, scale = [], [], [], []
-        for i, seg, scaling in zip(active, segments, scalings, strict=True):
+        by_bucket = sorted(range(len(active)), key=lambda j: rank_bucket(ranks[j]))  # stable
+        blocks, rows, real, scale, bucket_of_block = [], [], [], [], []
+        for j in by_bucket:
+            i, seg, scaling = active[j], segments[j], scalings[j]
             for start in range(seg.start, seg.stop, length):
                 stop = min(start + length, seg.stop)
                 blocks.append(i)
+                bucket_of_block.append(rank_bucket(ranks[j]))
                 scale.append(scaling)
                 # Padding reads (and, with a zero delta, writes) the block's first row.
                 rows.extend([*range(start, stop), *[start] * (length - (stop - start))])
@@ -124,6 +150,7 @@ class LoraRouting:
         in_order = not padded and rows == list(range(self.num_rows))
         return _Plan(
             blocks=tuple(blocks),
+            buckets=tuple(Counter(bucket_of_block).values()),  # counts in first-seen (sorted) order
             length=length,
             row_index=None if in_order else torch.tensor(rows, device=device),
             mask=torch.tensor(real, dtype=dtype, device=device) if padded else None,
@@ -153,10 +180,12 @@ class LoraLinear(nn.Module):
                     y[row] += (x[row].float() @ w.A.T @ w.B.T * w.scaling).to(y.dtype)
 
     With one adapter segment the delta is computed for its rows alone. With several (of one
-    dtype), the rows are gathered into equal blocks (see ``_Plan``), A and B are zero-padded to
-    the largest rank and stacked, and two ``bmm`` compute all deltas at once; zero padding adds
-    exact zeros, and gradients reach only the real rows and the real slices of A and B. This
-    avoids a per-segment row slice, whose backward writes a zero tensor of the whole batch.
+    dtype), the rows are gathered into equal blocks grouped by rank bucket (see ``_Plan`` and
+    ``rank_bucket``); per bucket, A and B are zero-padded to the bucket's largest rank and
+    stacked, and two ``bmm`` compute the bucket's deltas; zero padding adds exact zeros, and
+    gradients reach only the real rows and the real slices of A and B. This avoids a
+    per-segment row slice, whose backward writes a zero tensor of the whole batch, and padding
+    a rank-4 adapter to rank 32 because a rank-32 one shares the batch.
     Adapters in one batch may have different ranks and target sets.
     Weights are kept in a plain dict, not as registered parameters: adapter ids are arbitrary
     strings, and adapters must not appear in the base model's ``parameters()`` or ``state_dict()``.
@@ -214,25 +243,40 @@ class LoraLinear(nn.Module):
     ) -> torch.Tensor:
         """``y`` plus the delta of the segments ``active`` (all with ``weights`` of one dtype)."""
         dtype = weights[0].A.dtype
-        plan = self.routing.plan(active, tuple(w.scaling for w in weights), dtype, x.device)
+        ranks = tuple(w.A.shape[0] for w in weights)
+        plan = self.routing.plan(active, tuple(w.scaling for w in weights), ranks, dtype, x.device)
         pairs = [self._weights(self.routing.segments[i], w) for i, w in zip(active, weights, strict=True)]
         by_segment = dict(zip(active, pairs, strict=True))
-        # One cat each for all blocks, zero rows up to the largest rank (no pad per adapter; the
-        # backward of a cat only takes views): A [blocks, rank, in] and B.T [blocks, rank, out].
-        rank = max(A.shape[0] for A, _ in pairs)
-        A = _zero_padded_cat([by_segment[i][0] for i in plan.blocks], rank)
-        B_t = _zero_padded_cat([by_segment[i][1].t() for i in plan.blocks], rank)
         x = x.to(dtype)
         if plan.row_index is not None:
             x = x.index_select(0, plan.row_index)
         if plan.mask is not None:  # zero padding rows: their delta is exactly zero
             x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
         xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
-        delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B_t)  # x @ A.T @ B.T
+        # split, not slices: its backward is one cat, a slice's writes a zero tensor of all of xs
+        parts = xs.split(plan.buckets) if len(plan.buckets) > 1 else (xs,)
+        deltas, first = [], 0
+        for xs_bucket in parts:
+            blocks = plan.blocks[first : first + xs_bucket.shape[0]]
+            first += len(blocks)
+            deltas.append(_bucket_delta(xs_bucket, [by_segment[i] for i in blocks]))
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
         delta = (delta * plan.scale).to(y.dtype)
         if plan.row_index is None:
             return y + delta.reshape(y.shape)
         return y.index_add(0, plan.row_index, delta.reshape(-1, *y.shape[1:]))
+
+
+def _bucket_delta(xs: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``xs[k] @ A_k.T @ B_k.T`` for each block k, ``pairs[k] = (A_k, B_k)``, as one tensor.
+
+    One cat each for all blocks, zero rows up to the largest rank (no pad per adapter; the
+    backward of a cat only takes views): A [blocks, rank, in] and B.T [blocks, rank, out].
+    """
+    rank = max(A.shape[0] for A, _ in pairs)
+    A = _zero_padded_cat([A for A, _ in pairs], rank)
+    B_t = _zero_padded_cat([B.t() for _, B in pairs], rank)
+    return torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B_t)
 
 
 def _zero_padded_cat(matrices: list[torch.Tensor], rows: int) -> torch.Tensor:

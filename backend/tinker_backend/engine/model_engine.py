@@ -313,7 +313,9 @@ class ModelEngine:
         targets = list(adapter.weights)
         return AdapterCheckpoint(
             base_model=self.model_name,
-            weights={path: (A.detach(), B.detach()) for path, (A, B) in adapter.weights.items()},
+            # copies: the weights are views of one flat tensor (optimizer.py), which safetensors
+            # refuses to save, and a snapshot must not follow later training
+            weights={path: (A.detach().clone(), B.detach().clone()) for path, (A, B) in adapter.weights.items()},
             scaling=adapter.scaling,
             lora_alpha=LORA_ALPHA,
             target_modules=checkpoints.peft_target_modules(targets, sorted(self.layers)),

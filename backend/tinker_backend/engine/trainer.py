@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.adam import adam as adam_update
 
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
 from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
 
-from .lora import LoraLinear, LoraRouting, LoraWeights, Segment
+from .lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from .losses import datum_loss
+from .optimizer import FlatState, adamw_steps, flat_gradients
 from .protocol import FwdBwdItem
 
 __all__ = [
@@ -50,6 +50,7 @@ class TrainableAdapter:
         }
         self.step = 0
         self.optimizer = self._new_optimizer()
+        self.flat_state: FlatState | None = None  # set by adamw_steps (see optimizer.py)
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         # The hyper-parameters are set again by every optim_step. fused: one in-place kernel per
@@ -110,43 +111,6 @@ class TrainableAdapter:
         return {"grad_norm:max": grad_norm, "learning_rate:max": adam.learning_rate}
 
 
-def adamw_steps(steps: Sequence[tuple[TrainableAdapter, AdamParams]]) -> None:
-    """Apply the AdamW step of several adapters (after their ``clip_and_measure``), then zero
-    their gradients: one fused multi-tensor update per set of equal hyper-parameters and device.
-
-    The fused kernel updates each tensor on its own, so the result equals each adapter's
-    ``torch.optim.AdamW(fused=True).step()``: the same state (``step``, ``exp_avg``,
-    ``exp_avg_sq`` in each adapter's ``optimizer.state``), initialised the same way.
-    """
-    groups: dict[tuple[Any, ...], list[list[torch.Tensor]]] = {}
-    for adapter, adam in steps:
-        key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay, adapter.device_key())
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = groups.setdefault(key, [[], [], [], [], []])
-        for p in adapter.parameters():
-            if p.grad is None:
-                continue
-            state = adapter.optimizer.state[p]
-            if not state:  # as torch.optim.Adam._init_group does for fused=True
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-    for (lr, beta1, beta2, eps, weight_decay, _), (params, grads, exp_avgs, exp_avg_sqs, state_steps) in groups.items():
-        adam_update(
-            params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
-            fused=True, decoupled_weight_decay=True,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
-        )
-    for adapter, _ in steps:
-        for p in adapter.parameters():
-            p.grad = None
-        adapter.step += 1
-
-
 @dataclass
 class PreparedItem:
     """A validated request: token rows, targets and loss inputs as tensors on the device."""
@@ -188,7 +152,8 @@ def forward_backward_batch(
     ``.grad``. A loss that fails marks only its own item; an adapter whose every backward item
     failed keeps the gradients it had.
     """
-    order, rows, segments, first_row = _layout(items)
+    ranks = {key: adapter.config.rank for key, adapter in adapters.items()}
+    order, rows, segments, first_row = _layout(items, ranks)
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     input_ids, attention_mask = _right_padded(rows, width)
@@ -227,6 +192,8 @@ def forward_backward_batch(
                 total = loss if total is None else total + loss
                 succeeded.add(item.key)
     if total is not None:
+        for key in succeeded:
+            flat_gradients(adapters[key])  # autograd then accumulates into one flat tensor
         total.backward()
     for key in trained - succeeded:  # backward through the shared graph left zeros there
         for p in untouched_grads[key]:
@@ -234,10 +201,16 @@ def forward_backward_batch(
     return results
 
 
-def _layout(items: Sequence[PreparedItem]) -> tuple[list[int], list[list[int]], list[Segment], dict[int, int]]:
+def _layout(
+    items: Sequence[PreparedItem], ranks: Mapping[str, int]
+) -> tuple[list[int], list[list[int]], list[Segment], dict[int, int]]:
     """Rows of the batch: items sorted by adapter, training items first, so that each adapter
-    gets few segments. Returns (item order, token rows, segments, first row of each item)."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].key, not items[i].backward))
+    gets few segments, and adapters by rank bucket, so that a LoRA layer's buckets are
+    contiguous rows (no gather). Returns (item order, token rows, segments, first row of each item)."""
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (rank_bucket(ranks.get(items[i].key, 0)), items[i].key, not items[i].backward),
+    )
     rows: list[list[int]] = []
     segments: list[Segment] = []
     first_row: dict[int, int] = {}
