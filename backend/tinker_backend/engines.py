@@ -133,7 +133,8 @@ class EnginePool:
 
         device = placement.devices[0].split(":")[0] if placement.devices else None
         spec = SamplerSpec(base_model, path, device, placement.dtype, default_threads(placement.sampler_replicas))
-        return SamplerPool(spec, placement.sampler_replicas, self.data_dir / "published" / _safe_name(base_model))
+        return SamplerPool(spec, placement.sampler_replicas, self.data_dir / "published" / _safe_name(base_model),
+                           max_in_flight=placement.sampler_max_in_flight)
 
     def _engine_options(self, base_model: str, placement: ModelPlacement) -> dict[str, Any]:
         return {

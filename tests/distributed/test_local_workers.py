@@ -63,10 +63,12 @@ def program(service: tinker.ServiceClient) -> dict[str, Any]:
         for name, fb, step in pending:
             seen[name].append(fb.result().metrics["loss:sum"])
             step.result()
-    sampler = a.save_weights_and_get_sampling_client()
-    seen["logprobs"] = sampler.compute_logprobs(ModelInput.from_ints(tokens)).result()[1:]
-    out = sampler.sample(ModelInput.from_ints(tokens[:2]), 1, SamplingParams(max_tokens=6, temperature=0.0)).result()
-    seen["greedy"] = out.sequences[0].tokens
+    for name, tc in (("a", a), ("b", b)):  # sampled in the sampler worker under --workers local
+        sampler = tc.save_weights_and_get_sampling_client()
+        seen[f"logprobs_{name}"] = sampler.compute_logprobs(ModelInput.from_ints(tokens)).result()[1:]
+        out = sampler.sample(ModelInput.from_ints(tokens[:2]), 1, SamplingParams(max_tokens=6, temperature=0.0)).result()
+        seen[f"greedy_{name}"] = out.sequences[0].tokens
+        seen[f"greedy_logprobs_{name}"] = out.sequences[0].logprobs
     return seen
 
 
@@ -81,13 +83,16 @@ def test_local_workers_give_the_single_process_numbers(server: ServerProcess, lo
         finally:
             service.close().result(timeout=30)
     single, local = results
-    for key in ("a", "b", "logprobs"):
+    for key in ("a", "b", "logprobs_a", "logprobs_b", "greedy_logprobs_a", "greedy_logprobs_b"):
         np.testing.assert_allclose(local[key], single[key], rtol=RTOL, err_msg=key)
-    assert local["greedy"] == single["greedy"]
+    assert local["greedy_a"] == single["greedy_a"] and local["greedy_b"] == single["greedy_b"]
+    assert local["greedy_a"] != local["greedy_b"]  # two tenants' adapters, told apart
     workers = healthz(local_server)["workers"][TINY]
     assert workers["placement"] == "local" and workers["trainer_ranks"] == 2 and workers["alive"]
     assert len(workers["pids"]) == 2 and all(pid != local_server.proc.pid for pid in workers["pids"])
-    # /metrics counts the group's model too (GroupEngine.stats): the in-server sampler decoded.
+    assert len(workers["samplers"]) == 1 and workers["samplers"][0]["requests"] == 4  # 2 samples + 2 logprobs
+    assert workers["samplers"][0]["pid"] not in (local_server.proc.pid, *workers["pids"])
+    # /metrics counts the group's model too (GroupEngine.stats): the sampler worker decoded.
     with urllib.request.urlopen(f"{local_server.base_url}/metrics", timeout=5) as response:
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     rows = [s.value for s in families["tinker_sampler_decode_rows"].samples if s.labels.get("base_model") == TINY]

@@ -6,6 +6,7 @@ The file is TOML, one table per base model; every key is optional::
     trainer_ranks = 2          # processes (CPU) or GPUs the base model is sharded over (FSDP2)
     sampler = "torch"          # or "vllm" (--workers inprocess only); default: --sampler
     sampler_replicas = 1       # sampler worker processes (--workers local / ray); inprocess samples in the server
+    sampler_max_in_flight = 8  # requests at which the replica holding an adapter counts as overloaded
     devices = ["cpu", "cpu"]   # one per trainer rank: "cpu", "cuda" or "cuda:N"
     dtype = "float32"          # or "bfloat16", "float16"; default fp32 on CPU, bf16 on CUDA
     max_adapter_slots = 16     # default: --adapter-slots
@@ -44,6 +45,7 @@ class ModelPlacement:
     trainer_ranks: int = 1
     sampler: str | None = None  # None: the server's --sampler
     sampler_replicas: int = 1
+    sampler_max_in_flight: int = 8  # routing.DEFAULT_MAX_IN_FLIGHT
     devices: tuple[str, ...] | None = None
     dtype: str | None = None
     max_adapter_slots: int | None = None
@@ -128,7 +130,8 @@ def _placement(name: str, table: Any) -> ModelPlacement:
         if key not in known:
             raise PlacementError(f"{where}.{key}: unknown key (expected one of {sorted(known)})")
     values: dict[str, Any] = {}
-    for key in ("trainer_ranks", "sampler_replicas", "max_adapter_slots", "tensor_parallel_size"):
+    for key in ("trainer_ranks", "sampler_replicas", "sampler_max_in_flight", "max_adapter_slots",
+                "tensor_parallel_size"):
         if key in table:
             values[key] = _positive_int(f"{where}.{key}", table[key])
     for key, choices in (("sampler", SAMPLER_KINDS), ("dtype", DTYPES)):

@@ -123,10 +123,11 @@ class SamplerProcess:
             lost, self._futures = list(self._futures.values()), {}
             closing = self._closing
         error = self._died_error()
+        if not closing:
+            logger.error("%s", error.message)
         for future in lost:
             future.set_exception(error)
         if not closing:
-            logger.error("%s", error.message)
             self._on_death(self, error.message)
 
     def _died_error(self) -> ServiceError:
