@@ -16,6 +16,7 @@ restarts it).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -32,6 +33,8 @@ from typing import Any
 from tinker_backend.errors import ServiceError
 
 logger = logging.getLogger("tinker_backend.workers")
+
+Reply = Callable[[str, Any], None]
 
 
 @dataclass(frozen=True)
@@ -148,82 +151,97 @@ class SamplerProcess:
             self.process.join()
 
 
+class WorkerLoop:
+    """A sampler worker's engine and its loop: commands and sampler steps, in order, on the
+    thread that calls ``run``. ``put`` is thread-safe; each command answers through its
+    ``reply(status, value)``, a sample's from its future's callback when it is done."""
+
+    def __init__(self, spec: SamplerSpec) -> None:
+        import torch
+
+        from tinker_backend.engine.model_engine import ModelEngine
+
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        self.engine = ModelEngine(spec.model_name, spec.model_path, spec.device, dtype, sampler="torch")
+        self._inbox: queue.Queue[tuple[str, tuple[Any, ...], Reply] | None] = queue.Queue()
+
+    def put(self, command: str, args: tuple[Any, ...], reply: Reply) -> None:
+        self._inbox.put((command, args, reply))
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+    def run(self) -> None:
+        """Until ``stop``: take the commands waiting, else step the sampler, else wait."""
+        sampler = self.engine.sampler
+        while True:
+            try:
+                message = self._inbox.get(block=not sampler.has_work())
+            except queue.Empty:
+                sampler.step()
+                continue
+            if message is None:
+                break
+            self._handle(*message)
+        self.engine.close()
+
+    def _handle(self, command: str, args: tuple[Any, ...], reply: Reply) -> None:
+        from tinker_backend.engine.sharded import picklable
+
+        engine = self.engine
+        try:
+            if command == "load":
+                sampler_id, directory = args
+                if not engine.has_sampler(sampler_id):
+                    engine.load_sampler(sampler_id, Path(directory))
+                reply("ok", None)
+            elif command == "remove":
+                if engine.has_sampler(args[0]):
+                    engine.remove_sampler(args[0])
+                reply("ok", None)
+            elif command == "sample":
+                sampler_id, directory, *sample_args = args
+                if sampler_id is not None and not engine.has_sampler(sampler_id):
+                    engine.load_sampler(sampler_id, Path(directory))
+                future = engine.submit_sample(sampler_id, *sample_args)
+                future.add_done_callback(
+                    lambda f: reply("ok", f.result()) if f.exception() is None
+                    else reply("error", picklable(f.exception()))
+                )
+            else:
+                raise ValueError(f"command: expected load, remove or sample, got {command!r}")
+        except Exception as e:
+            reply("error", picklable(e))
+
+
 def _worker_main(spec: SamplerSpec, conn: multiprocessing.connection.Connection) -> None:
-    """The worker process: load the model, then serve commands while stepping the sampler."""
+    """The worker process: load the model, then serve the pipe's commands (``WorkerLoop``)."""
     try:
-        engine = _build_engine(spec)
+        loop = WorkerLoop(spec)
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    engine = loop.engine
     conn.send(("ok", {"vocab_size": engine.vocab_size, "max_context_length": engine.max_context_length}))
-    inbox: queue.Queue[Any] = queue.Queue()
-    threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
-    send_lock = threading.Lock()  # answers come from this thread and from sample futures' callbacks
+    send_lock = threading.Lock()  # answers come from the loop and from sample futures' callbacks
+
+    def receive() -> None:
+        try:
+            while (message := conn.recv()) is not None:
+                request_id, command, args = message
+                loop.put(command, args, functools.partial(answer, request_id))
+        except (EOFError, OSError):  # the server went away
+            pass
+        loop.stop()
 
     def answer(request_id: int, status: str, value: Any) -> None:
         with send_lock:
             conn.send((request_id, status, value, engine.stats()))
 
-    while True:
-        busy = engine.sampler.has_work()
-        try:
-            message = inbox.get(block=not busy)
-        except queue.Empty:
-            engine.sampler.step()
-            continue
-        if message is None:
-            break
-        _handle(engine, message, answer)
-    engine.close()
-
-
-def _receive(conn: multiprocessing.connection.Connection, inbox: queue.Queue[Any]) -> None:
-    try:
-        while True:
-            inbox.put(conn.recv())
-    except (EOFError, OSError):  # the server went away: stop
-        inbox.put(None)
-
-
-def _build_engine(spec: SamplerSpec) -> Any:
-    import torch
-
-    from tinker_backend.engine.model_engine import ModelEngine
-
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
-    dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    return ModelEngine(spec.model_name, spec.model_path, spec.device, dtype, sampler="torch")
-
-
-def _handle(engine: Any, message: tuple[int, str, tuple[Any, ...]], answer: Callable[[int, str, Any], None]) -> None:
-    """Run one command; a sample answers from its future's callback, when it is done."""
-    from tinker_backend.engine.sharded import picklable
-
-    request_id, command, args = message
-    try:
-        if command == "load":
-            sampler_id, directory = args
-            if not engine.has_sampler(sampler_id):
-                engine.load_sampler(sampler_id, Path(directory))
-            answer(request_id, "ok", None)
-        elif command == "remove":
-            if engine.has_sampler(args[0]):
-                engine.remove_sampler(args[0])
-            answer(request_id, "ok", None)
-        elif command == "sample":
-            sampler_id, directory, *sample_args = args
-            if sampler_id is not None and not engine.has_sampler(sampler_id):
-                engine.load_sampler(sampler_id, Path(directory))
-            future = engine.submit_sample(sampler_id, *sample_args)
-            future.add_done_callback(
-                lambda f: answer(request_id, "ok", f.result()) if f.exception() is None
-                else answer(request_id, "error", picklable(f.exception()))
-            )
-        else:
-            raise ValueError(f"command: expected load, remove or sample, got {command!r}")
-    except Exception as e:
-        answer(request_id, "error", picklable(e))
+    threading.Thread(target=receive, daemon=True).start()
+    loop.run()
 
 
 def worker_name(model_name: str, index: int) -> str:
