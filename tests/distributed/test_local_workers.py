@@ -1,7 +1,8 @@
 """``tinker-server --workers local``: the model trains on a 2-rank group of supervised worker
-processes, through the real client, with the numbers of the single-process server; a rank killed
-with ``kill -9`` fails its requests at once with a retryable error naming it, the group comes back
-without restarting the server, and the run resumes from its last ``save_state``."""
+processes and samples in a sampler worker, through the real client, with the numbers of the
+single-process server; a rank killed with ``kill -9`` while idle fails the next request at once
+with a retryable error naming it, the group comes back on its own without restarting the
+server, and the run resumes from its last ``save_state``."""
 
 from __future__ import annotations
 
@@ -118,13 +119,18 @@ def test_kill_9_of_a_rank_fails_fast_and_the_run_resumes_from_its_save(local_ser
             assert time.monotonic() - started < 5, "the death of an idle rank was not logged within 5 s"
             time.sleep(0.05)
         assert not healthz(local_server)["workers"][TINY]["alive"]
+        # The supervisor starts a new group at once, with no request made.
+        while not (restarted := healthz(local_server)["workers"][TINY])["alive"]:
+            assert time.monotonic() - started < 180, "the idle dead group was not started again within 180 s"
+            time.sleep(0.2)
+        assert restarted["restarts"] == before["restarts"] + 1 and set(restarted["pids"]).isdisjoint(before["pids"])
         started = time.monotonic()
         with pytest.raises(tinker.RequestFailedError) as info:  # the client's error for a 5xx
             tc.forward_backward(data, "cross_entropy").result(timeout=60)
         assert time.monotonic() - started < 10  # detected at once, never a hang
         assert f"rank 1 (pid {before['pids'][1]}) died" in str(info.value) and "retryable" in str(info.value)
 
-        # The next request finds a new group and the run reloaded from its save: the same numbers.
+        # The next request finds the new group and the run reloaded from its save: the same numbers.
         assert tc.forward(data, "cross_entropy").result(timeout=120).metrics["loss:sum"] == pytest.approx(
             saved_loss, rel=RTOL)
         after = healthz(local_server)["workers"][TINY]

@@ -6,15 +6,18 @@ which load each published adapter version from the PEFT folder the group writes 
 per sampler id, so that no sampler can serve a stale version). Training calls are driven by the
 model's one compute thread; sample requests go straight to the pool, so they never wait for it.
 
-When a rank dies, the call in flight fails with a retryable ``WorkerDied`` (503) naming it, and
-the next call starts a new group; runs whose adapters were in the lost group are reloaded by
-``Runs`` from their last ``save_state``, as after a server restart (docs/scaling.md).
+When a rank dies, the call in flight fails with a retryable ``WorkerDied`` (503) naming it; a
+rank that dies while the group is idle is found by a supervisor thread within a second, and the
+next request fails the same way. Either way the supervisor starts a new group at once; runs
+whose adapters were in the lost group are reloaded by ``Runs`` from their last ``save_state``,
+as after a server restart (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +30,8 @@ from tinker_backend.workers.group import GroupSpec, TrainerGroup, WorkerDied
 from tinker_backend.workers.sampler_pool import SamplerPool
 
 logger = logging.getLogger("tinker_backend.workers")
+
+_SUPERVISE_S = 1.0  # how often the supervisor looks at the group's processes
 
 
 class Group(Protocol):
@@ -68,10 +73,22 @@ class GroupEngine:
         self.max_context_length = self._group.max_context_length
         self._adapters: set[str] = set()  # adapter ids in the current group
         self._lost: ServiceError | None = None
+        self._lock = threading.Condition()  # the group: calls (compute thread) and the supervisor
+        self._starting = False  # the supervisor is starting a new group (outside the lock)
+        self._closed = threading.Event()
+        threading.Thread(target=self._supervise, name=f"supervise-{spec.model_name[-24:]}", daemon=True).start()
 
     # -- the group ----------------------------------------------------------------------------
 
     def _call(self, method: str, *args: Any) -> Any:
+        lost = self._lost
+        if lost is not None:  # the supervisor found the group dead: this request fails at once
+            raise lost
+        with self._lock:
+            self._lock.wait_for(lambda: not self._starting)
+            return self._call_locked(method, *args)
+
+    def _call_locked(self, method: str, *args: Any) -> Any:
         if self._group is None:  # lost (its error was answered): a new group
             self._restart()
         assert self._group is not None
@@ -87,6 +104,43 @@ class GroupEngine:
         """The error of a group lost since the last call (then None): its runs must be reloaded."""
         lost, self._lost = self._lost, None
         return lost
+
+    def _supervise(self) -> None:
+        """Every second: a group with a dead rank is lost (its runs' next request fails at once
+        with the 503 naming the rank, as for a death mid-call) and a new group is started, so
+        that the requests after it need not wait for the start."""
+        while not self._closed.wait(_SUPERVISE_S):
+            group = self._group
+            if group is not None and group.alive():
+                continue
+            with self._lock:
+                if self._closed.is_set() or (self._group is not None and self._group.alive()):
+                    continue
+                if self._group is not None:
+                    try:
+                        self._call_locked("has_adapter", "")  # raises naming the dead rank, sets _lost
+                    except ServiceError:
+                        pass
+                self._starting = True
+            self._start_for_supervisor()
+
+    def _start_for_supervisor(self) -> None:
+        """Start a group outside the lock (calls fail fast meanwhile) and install it."""
+        logger.warning("starting trainer group of %s again (restart %d)", self.spec.model_name, self.restarts + 1)
+        try:
+            group: Group | None = self._start_group(self.spec)
+        except Exception:  # tried again on the next tick (or by the next request)
+            logger.exception("starting trainer group of %s failed", self.spec.model_name)
+            group = None
+        with self._lock:
+            self._starting = False
+            if group is not None and self._group is None and not self._closed.is_set():
+                self._group, group = group, None
+                self.restarts += 1
+                self._adapters.clear()
+            self._lock.notify_all()
+        if group is not None:  # closed meanwhile
+            group.stop()
 
     def _restart(self) -> None:
         self.restarts += 1
@@ -182,9 +236,11 @@ class GroupEngine:
         )
 
     def close(self) -> None:
-        if self._group is not None:
-            self._group.stop()
-            self._group = None
+        self._closed.set()
+        with self._lock:
+            if self._group is not None:
+                self._group.stop()
+                self._group = None
         self.sampling.close()
 
 
