@@ -5,12 +5,15 @@ Workload: ``tinker_cookbook.rl.train`` in async mode (``max_steps_off_policy=1``
 arithmetic environment (``MathDatasetBuilder("arithmetic")``), seed 0, ``--steps`` steps of
 ``--batch`` groups of ``--group`` samples, ``--max-tokens`` new tokens each. Each placement gets
 its own ``tinker-server`` subprocess (``local``: one trainer rank and one sampler worker).
+Every group is trained on (``remove_constant_reward_groups=False``): the tiny model's rewards
+are mostly constant, and this measures where the compute runs, not learning.
 
 Reported per placement (after a one-step warm-up run that loads the model and the workers):
 wall time per step (median and mean over the steps after the first), the loop's own ``time/train`` and ``time/wait_for_groups``
 means, and the **overlap**: with ``local``, the share of the time the trainer rank was computing
-during which the sampler worker computed too. Both are read from ``/proc/<pid>/stat`` CPU time
-every 50 ms (a process counts as computing in a tick where it used at least 30 % of a core).
+during which the sampler worker computed too. Both are read every 50 ms from ``/proc``: a
+process computes in a tick where one of its threads is running or waiting for a core (state R),
+which does not depend on how many cores other programs leave it.
 With ``inprocess`` one compute thread runs both training and sampling, so their overlap is 0
 by construction and not measured.
 
@@ -24,7 +27,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -40,8 +42,6 @@ from tinker_cookbook.recipes.math_rl.envs import MathDatasetBuilder
 from tinker_cookbook.rl import train
 
 TICK_S = 0.05
-BUSY_SHARE = 0.3  # of one core, in one tick
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -74,17 +74,24 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
+def running(pid: int) -> bool:
+    """Whether a thread of the process is running or waiting for a core (state R in /proc)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return False
+    for task in tasks:
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class BusyProbe:
-    """Samples which of some processes compute, every ``TICK_S``, in a thread."""
+    """Samples, every ``TICK_S`` in a thread, whether the trainer's and the sampler's processes
+    are computing."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
@@ -94,15 +101,8 @@ class BusyProbe:
         self._thread.start()
 
     def _run(self) -> None:
-        last = {pid: cpu_seconds(pid) for pids in self.groups.values() for pid in pids}
-        last_t = time.monotonic()
         while not self._stop.wait(TICK_S):
-            now = {pid: cpu_seconds(pid) for pid in last}
-            now_t = time.monotonic()
-            span = now_t - last_t
-            self.ticks.append({name: any(now[p] - last[p] >= BUSY_SHARE * span for p in pids)
-                               for name, pids in self.groups.items()})
-            last, last_t = now, now_t
+            self.ticks.append({name: any(running(p) for p in pids) for name, pids in self.groups.items()})
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
@@ -119,7 +119,7 @@ def config(args: argparse.Namespace, base_url: str, log_path: Path) -> train.Con
         log_path=str(log_path), model_name=args.model, base_url=base_url, seed=0,
         dataset_builder=MathDatasetBuilder("arithmetic", args.batch, args.group, n_batches=args.steps),
         learning_rate=4e-4, max_tokens=args.max_tokens, lora_rank=16, max_steps=args.steps, save_every=0,
-        eval_every=0, remove_constant_reward_groups=True, async_config=train.AsyncConfig(max_steps_off_policy=1),
+        eval_every=0, remove_constant_reward_groups=False, async_config=train.AsyncConfig(max_steps_off_policy=1),
     )
 
 

@@ -201,7 +201,7 @@ class RaySamplerProcess:
         self._futures: set[Future[Any]] = set()
         self._dead = self._closing = False
         gpus = 1 if (spec.device or "").startswith("cuda") else 0
-        actor: Any = ray.remote(_SamplerActor).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_concurrency=256)
+        actor: Any = ray.remote(_SamplerActor).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_concurrency=128)
         self._actor = actor.remote(spec)
         try:
             info = ray.get(self._actor.info.remote(), timeout=start_timeout_s)
