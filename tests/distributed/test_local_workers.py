@@ -1,5 +1,5 @@
 """``tinker-server --workers local``: the model trains on a 2-rank group of supervised worker
-processes and samples in a sampler worker, through the real client, with the numbers of the
+processes and samples in sampler workers, through the real client, with the numbers of the
 single-process server; a rank killed with ``kill -9`` while idle fails the next request at once
 with a retryable error naming it, the group comes back on its own without restarting the
 server, and the run resumes from its last ``save_state``."""
@@ -12,7 +12,6 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("local-workers")
-    models = root / "models.toml"
-    models.write_text(f'[models."{TINY}"]\ntrainer_ranks = 2\nmax_adapter_slots = 4\n')
-    proc = ServerProcess(root / "data", "--workers", "local", "--models", str(models))
-    yield proc
-    assert proc.stop() == 0
 
 
 def healthz(server: ServerProcess) -> dict[str, Any]:
@@ -91,8 +80,8 @@ def test_local_workers_give_the_single_process_numbers(server: ServerProcess, lo
     workers = healthz(local_server)["workers"][TINY]
     assert workers["placement"] == "local" and workers["trainer_ranks"] == 2 and workers["alive"]
     assert len(workers["pids"]) == 2 and all(pid != local_server.proc.pid for pid in workers["pids"])
-    assert len(workers["samplers"]) == 1 and workers["samplers"][0]["requests"] == 4  # 2 samples + 2 logprobs
-    assert workers["samplers"][0]["pid"] not in (local_server.proc.pid, *workers["pids"])
+    assert sum(r["requests"] for r in workers["samplers"]) == 4  # 2 samples + 2 logprobs, in the workers
+    assert {r["pid"] for r in workers["samplers"]}.isdisjoint((local_server.proc.pid, *workers["pids"]))
     # /metrics counts the group's model too (GroupEngine.stats): the sampler worker decoded.
     with urllib.request.urlopen(f"{local_server.base_url}/metrics", timeout=5) as response:
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}

@@ -1,8 +1,9 @@
-"""Sampler workers (``--workers local``, ``sampler_replicas = 2``) through the real client:
-requests stay on the replica holding their adapter version until it is overloaded, then spill
-over to the other, which loads the version from its folder; a replica killed with ``kill -9``
-fails its requests in flight at once with a retryable error naming it, the other replica serves
-the next request, and the dead one comes back without a server restart. Counted via healthz."""
+"""Sampler workers (``--workers local``, ``sampler_replicas = 2``: the shared ``local_server``)
+through the real client: requests stay on the replica holding their adapter version until it
+is overloaded, then spill over to the other, which loads the version from its folder; a replica
+killed with ``kill -9`` fails its requests in flight at once with a retryable error naming it,
+the other replica serves the next request, and the dead one comes back without a server
+restart. Counted via healthz."""
 
 from __future__ import annotations
 
@@ -20,24 +21,13 @@ from conftest import TINY, ServerProcess
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
+from .conftest import LOCAL_MAX_IN_FLIGHT
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 
-MAX_IN_FLIGHT = 2
-
-
 @pytest.fixture(scope="module")
-def replicas_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("sampler-workers")
-    models = root / "models.toml"
-    models.write_text(f'[models."{TINY}"]\nsampler_replicas = 2\nsampler_max_in_flight = {MAX_IN_FLIGHT}\n')
-    proc = ServerProcess(root / "data", "--workers", "local", "--models", str(models))
-    yield proc
-    assert proc.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def service(replicas_server: ServerProcess) -> Iterator[tinker.ServiceClient]:
-    client = tinker.ServiceClient(base_url=replicas_server.base_url)
+def service(local_server: ServerProcess) -> Iterator[tinker.ServiceClient]:
+    client = tinker.ServiceClient(base_url=local_server.base_url)
     yield client
     client.close().result(timeout=30)
 
@@ -65,24 +55,24 @@ def trained_sampler(service: tinker.ServiceClient, server: ServerProcess, seed: 
     return sampler, sampler_id, index
 
 
-def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, replicas_server: ServerProcess) -> None:
-    sampler, sampler_id, holder = trained_sampler(service, replicas_server, seed=3)
+def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, local_server: ServerProcess) -> None:
+    sampler, sampler_id, holder = trained_sampler(service, local_server, seed=3)
     other = 1 - holder
     greedy = SamplingParams(max_tokens=4, temperature=0.0)
-    start = samplers(replicas_server)
+    start = samplers(local_server)
     for _ in range(5):  # one at a time: never overloaded, always the replica holding the version
         sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, greedy).result()
-    after = samplers(replicas_server)
+    after = samplers(local_server)
     assert after[holder]["requests"] - start[holder]["requests"] == 5
     assert after[other]["requests"] == start[other]["requests"] and sampler_id not in after[other]["adapters"]
 
-    # Eight at once, long enough that the holder has MAX_IN_FLIGHT in flight: the rest spill over
+    # Eight at once, long enough that the holder has LOCAL_MAX_IN_FLIGHT in flight: the rest spill over
     # to the other replica, which loads the version once.
     long = SamplingParams(max_tokens=200, temperature=1.0, seed=1, stop=[])
     futures = [sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, long) for _ in range(8)]
     assert all(len(f.result(timeout=120).sequences[0].tokens) == 200 for f in futures)
-    spilled = samplers(replicas_server)
-    assert spilled[holder]["requests"] - after[holder]["requests"] >= MAX_IN_FLIGHT
+    spilled = samplers(local_server)
+    assert spilled[holder]["requests"] - after[holder]["requests"] >= LOCAL_MAX_IN_FLIGHT
     assert spilled[other]["requests"] - after[other]["requests"] >= 1
     assert spilled[other]["loads"] - after[other]["loads"] == 1 and sampler_id in spilled[other]["adapters"]
     assert sum(r["requests"] for r in spilled) - sum(r["requests"] for r in after) == 8
@@ -90,15 +80,15 @@ def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, repl
 
 
 def test_kill_9_of_a_sampler_worker_fails_fast_and_it_comes_back(
-    service: tinker.ServiceClient, replicas_server: ServerProcess
+    service: tinker.ServiceClient, local_server: ServerProcess
 ) -> None:
-    sampler, sampler_id, holder = trained_sampler(service, replicas_server, seed=4)
+    sampler, sampler_id, holder = trained_sampler(service, local_server, seed=4)
     other = 1 - holder
-    victim = samplers(replicas_server)[holder]
+    victim = samplers(local_server)[holder]
     # Long enough to be in flight when the kill lands (EOS disabled by stop=[]).
     running = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, SamplingParams(max_tokens=1900, stop=[], seed=2))
     started = time.monotonic()
-    while samplers(replicas_server)[holder]["in_flight"] == 0:
+    while samplers(local_server)[holder]["in_flight"] == 0:
         assert time.monotonic() - started < 30, "the request never reached its replica"
         time.sleep(0.02)
     assert not running.done()
@@ -110,17 +100,17 @@ def test_kill_9_of_a_sampler_worker_fails_fast_and_it_comes_back(
     assert time.monotonic() - killed < 10  # detected at once, never a hang
     named = f"sampler worker {victim['name']} (pid {victim['pid']}) died"
     assert named in str(info.value) and "retryable" in str(info.value)
-    assert named in replicas_server.log.read_text()
+    assert named in local_server.log.read_text()
 
     # The next request goes to the other replica, which loads the version from its folder.
-    loads = samplers(replicas_server)[other]["loads"]
+    loads = samplers(local_server)[other]["loads"]
     out = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, SamplingParams(max_tokens=4, temperature=0.0)).result()
     assert len(out.sequences[0].tokens) == 4
-    now = samplers(replicas_server)
+    now = samplers(local_server)
     assert now[other]["loads"] == loads + 1 and sampler_id in now[other]["adapters"]
 
     # The dead replica restarts on its own (no request needed), under a new pid, holding nothing.
-    while not (back := samplers(replicas_server)[holder])["alive"]:
+    while not (back := samplers(local_server)[holder])["alive"]:
         assert time.monotonic() - killed < 120, "the sampler worker did not come back within 120 s"
         time.sleep(0.2)
     assert back["restarts"] == victim["restarts"] + 1 and back["pid"] != victim["pid"]
