@@ -3,6 +3,7 @@ test_sampler_workers.py): publishing, routing and in-flight counts, death and re
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -57,16 +58,20 @@ class FakeWorker:
 def pool(tmp_path: Path) -> Any:
     started: list[FakeWorker] = []
     restarts_fail = [False]
+    restarts_go = threading.Event()  # a restart waits for it: the test sees the pool meanwhile
 
     def start(spec: SamplerSpec, name: str, on_death: Callable[[Any, str], None]) -> FakeWorker:
-        if restarts_fail[0]:
-            raise RuntimeError("cannot start")
+        if len(started) >= 2:
+            restarts_go.wait(10)
+            if restarts_fail[0]:
+                raise RuntimeError("cannot start")
         started.append(FakeWorker(spec, name, on_death))
         return started[-1]
 
     pool = SamplerPool(SamplerSpec("m", tmp_path), 2, tmp_path / "published", max_in_flight=2, start=start)
-    pool.started, pool.restarts_fail = started, restarts_fail
+    pool.started, pool.restarts_fail, pool.restarts_go = started, restarts_fail, restarts_go
     yield pool
+    restarts_go.set()
     pool.close()
 
 
@@ -103,6 +108,8 @@ def test_a_dead_replica_fails_its_requests_and_comes_back_empty(pool: Any) -> No
         running.result(timeout=1)
     pool.submit_sample("s", [1, 2], 1, GREEDY)  # the other replica, which loads the version
     assert [c for c, *_ in second.sent] == ["sample"] and pool.health()[1]["loads"] == 1
+    assert not pool.health()[0]["alive"]  # restarting
+    pool.restarts_go.set()
     deadline = time.monotonic() + 10
     while not pool.health()[0]["alive"]:
         assert time.monotonic() < deadline
@@ -113,6 +120,7 @@ def test_a_dead_replica_fails_its_requests_and_comes_back_empty(pool: Any) -> No
 
 def test_with_no_replica_alive_a_request_fails_at_once(pool: Any) -> None:
     pool.restarts_fail[0] = True  # they stay dead (the pool tries again every few seconds)
+    pool.restarts_go.set()
     for worker in pool.started:
         worker.die()
     with pytest.raises(ServiceError, match="no sampler worker of 'm' is alive") as info:
