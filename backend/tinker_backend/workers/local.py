@@ -59,10 +59,12 @@ class GroupEngine:
         *,
         placement: str = "local",
         start_group: Callable[[GroupSpec], Group] = TrainerGroup,
+        supervise: bool = True,
     ) -> None:
         """``make_sampling`` starts the model's sampler workers (whose ``publish_dir`` is where the
         group writes the adapter versions it publishes); ``start_group`` starts a group
-        (``TrainerGroup``: local processes; ``ray_group.RayTrainerGroup``: Ray actors)."""
+        (``TrainerGroup``: local processes; ``ray_group.RayTrainerGroup``: Ray actors);
+        ``supervise=False`` starts no supervisor: a dead group then restarts at its next request."""
         self.spec = spec
         self.placement = placement
         self.restarts = 0
@@ -76,7 +78,8 @@ class GroupEngine:
         self._lock = threading.Condition()  # the group: calls (compute thread) and the supervisor
         self._starting = False  # the supervisor is starting a new group (outside the lock)
         self._closed = threading.Event()
-        threading.Thread(target=self._supervise, name=f"supervise-{spec.model_name[-24:]}", daemon=True).start()
+        if supervise:
+            threading.Thread(target=self._supervise, name=f"supervise-{spec.model_name[-24:]}", daemon=True).start()
 
     # -- the group ----------------------------------------------------------------------------
 

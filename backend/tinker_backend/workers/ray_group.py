@@ -7,9 +7,7 @@ group's devices are CUDA: Ray then shows the actor its GPU as ``cuda:0``); the r
 ``torch.distributed`` group over TCP at rank 0's node address. An actor that dies makes its
 pending call raise ``RayActorError`` at once; the group then stops its other actors (they
 would wait forever in a collective) and raises ``WorkerDied`` naming the rank and its pid.
-``RaySamplerProcess`` is a sampler worker as a threaded Ray actor (``SamplerProcess``'s
-interface, so ``SamplerPool`` drives either). Ray is imported only here (the optional extra
-``.[ray]``).
+Ray is imported only here (the optional extra ``.[ray]``).
 """
 
 from __future__ import annotations
@@ -18,16 +16,11 @@ import logging
 import os
 import signal
 import socket
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import ray
 
-from tinker_backend.errors import ServiceError
 from tinker_backend.workers.group import GroupSpec, WorkerDied, build_rank_engine, picklable_error, run_call
-from tinker_backend.workers.sampler_worker import SamplerSpec, WorkerLoop
 
 logger = logging.getLogger("tinker_backend.workers")
 
@@ -160,119 +153,3 @@ class RayTrainerGroup:
                 ray.kill(actor)
             except Exception:  # already dead
                 pass
-
-
-class _SamplerActor:
-    """A sampler worker in a threaded actor: ``WorkerLoop`` on a thread of its own; each ``call``
-    waits (on one of the actor's threads) for its command's answer."""
-
-    def __init__(self, spec: SamplerSpec) -> None:
-        self.loop = WorkerLoop(spec)
-        threading.Thread(target=self.loop.run, name="sampler-loop", daemon=True).start()
-
-    def info(self) -> dict[str, Any]:
-        engine = self.loop.engine
-        return {"pid": os.getpid(), "vocab_size": engine.vocab_size, "max_context_length": engine.max_context_length}
-
-    def call(self, command: str, args: tuple[Any, ...]) -> tuple[str, Any, dict[str, Any]]:
-        answer: Future[tuple[str, Any]] = Future()
-        self.loop.put(command, args, lambda status, value: answer.set_result((status, value)))
-        status, value = answer.result()
-        return status, value, self.loop.engine.stats()
-
-    def watch(self) -> None:
-        """Never returns: the server's pending call fails the moment the actor dies."""
-        threading.Event().wait()
-
-
-class RaySamplerProcess:
-    """A sampler worker as a Ray actor (1 CPU, or 1 GPU on CUDA); ``send`` runs a command in it.
-
-    A pending ``watch`` call raises ``RayActorError`` when the actor dies: every future in flight
-    then fails with a retryable 503 naming the worker and ``on_death`` is called.
-    """
-
-    def __init__(self, spec: SamplerSpec, name: str, on_death: Callable[[RaySamplerProcess, str], None],
-                 *, start_timeout_s: float = 300.0) -> None:
-        self.name, self._on_death = name, on_death
-        self.stats: dict[str, Any] = {}
-        self.pid: int | None = None
-        self._lock = threading.Lock()
-        self._futures: set[Future[Any]] = set()
-        self._dead = self._closing = False
-        gpus = 1 if (spec.device or "").startswith("cuda") else 0
-        actor: Any = ray.remote(_SamplerActor).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_concurrency=128)
-        self._actor = actor.remote(spec)
-        try:
-            info = ray.get(self._actor.info.remote(), timeout=start_timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        self.pid = info["pid"]
-        self.vocab_size: int = info["vocab_size"]
-        self.max_context_length: int = info["max_context_length"]
-        watch = self._actor.watch.remote()
-        threading.Thread(target=self._watch, args=(watch,), name=f"watch-{name}", daemon=True).start()
-
-    def describe(self) -> str:
-        return f"{self.name} (Ray actor, pid {self.pid})"
-
-    def send(self, command: str, *args: Any) -> Future[Any]:
-        """Run ``command`` in the actor; the future answers with its result or its error."""
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._dead or self._closing:
-                future.set_exception(self._died_error())
-                return future
-            self._futures.add(future)
-        self._actor.call.remote(command, args).future().add_done_callback(lambda ref: self._answer(future, ref))
-        return future
-
-    def _answer(self, future: Future[Any], ref: Future[Any]) -> None:
-        with self._lock:
-            self._futures.discard(future)
-        if future.done():  # failed by the watcher already
-            return
-        try:
-            status, value, self.stats = ref.result()
-        except Exception:  # the actor died
-            future.set_exception(self._died_error())
-            return
-        if status == "ok":
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def _watch(self, ref: Any) -> None:
-        try:
-            ray.get(ref)
-        except Exception:  # RayActorError: it died (or was killed by close)
-            pass
-        with self._lock:
-            self._dead = True
-            lost, self._futures = list(self._futures), set()
-            closing = self._closing
-        if closing:
-            return
-        error = self._died_error()
-        logger.error("%s", error.message)
-        for future in lost:
-            if not future.done():
-                future.set_exception(error)
-        self._on_death(self, error.message)
-
-    def _died_error(self) -> ServiceError:
-        return ServiceError(503, f"sampler worker {self.describe()} died; its requests in flight are lost "
-                                 "(retryable: send them again)")
-
-    def alive(self) -> bool:
-        return not self._dead and not self._closing
-
-    def close(self) -> None:
-        """Kill the actor; idempotent."""
-        with self._lock:
-            self._closing = True
-        try:
-            ray.kill(self._actor)
-        except Exception:  # already dead
-            pass
