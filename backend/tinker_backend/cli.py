@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         log.error(problem)
         sys.exit(2)
     try:
-        deployment = load_deployment(args.workers, args.models, args.ray_address)
+        deployment = load_deployment(args.workers, args.models, args.ray_address,
+                                     args.sampler or os.environ.get("TINKER_SAMPLER"))
     except PlacementError as e:
         log.error("%s", e)
         sys.exit(2)

@@ -52,6 +52,7 @@ class EnginePool:
         self.limits = limits
         self.allow_local_models = allow_local_models
         self.deployment = deployment or Deployment()
+        self.deployment.check_sampler(self.sampler)
         self._groups: dict[str, Any] = {}  # base model -> its GroupEngine (--workers local)
         self._schedulers: dict[str, ModelScheduler] = {}
         self._paths: dict[str, Path] = {}  # base model -> its resolved folder
@@ -119,11 +120,25 @@ class EnginePool:
 
             ray_group.connect(self.deployment.ray_address, num_cpus=max(os.cpu_count() or 1, spec.ranks))
             start_group = ray_group.RayTrainerGroup
-        group = GroupEngine(spec, lambda: self._engine(base_model, path, placement, None),
-                            self.data_dir / "published" / _safe_name(base_model),
-                            placement=self.deployment.workers, start_group=start_group)
+        group = GroupEngine(spec, lambda: self._sampler_pool(base_model, path, placement),
+                            placement=self.deployment.workers, start_group=start_group,
+                            # Under Ray, a group started by the supervisor's thread made the server
+                            # exit 1 on SIGTERM (not understood yet): restart at the next request.
+                            supervise=self.deployment.workers == "local")
         self._groups[base_model] = group
         return group
+
+    def _sampler_pool(self, base_model: str, path: Path, placement: ModelPlacement) -> Any:
+        """The model's ``sampler_replicas`` sampler workers: local processes, also with ``--workers
+        ray`` (as Ray actors they made the server exit 1 on SIGTERM after an actor restart, not
+        understood yet); they load the adapter versions the group publishes under the data dir."""
+        from tinker_backend.workers.sampler_pool import SamplerPool
+        from tinker_backend.workers.sampler_worker import SamplerSpec, default_threads
+
+        device = placement.devices[0].split(":")[0] if placement.devices else None
+        spec = SamplerSpec(base_model, path, device, placement.dtype, default_threads(placement.sampler_replicas))
+        return SamplerPool(spec, placement.sampler_replicas, self.data_dir / "published" / _safe_name(base_model),
+                           max_in_flight=placement.sampler_max_in_flight)
 
     def _engine_options(self, base_model: str, placement: ModelPlacement) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
 """``tinker-server --workers local``: the model trains on a 2-rank group of supervised worker
-processes, through the real client, with the numbers of the single-process server; a rank killed
-with ``kill -9`` fails its requests at once with a retryable error naming it, the group comes back
-without restarting the server, and the run resumes from its last ``save_state``."""
+processes and samples in sampler workers, through the real client, with the numbers of the
+single-process server; a rank killed with ``kill -9`` while idle fails the next request at once
+with a retryable error naming it, the group comes back on its own without restarting the
+server, and the run resumes from its last ``save_state``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("local-workers")
-    models = root / "models.toml"
-    models.write_text(f'[models."{TINY}"]\ntrainer_ranks = 2\nmax_adapter_slots = 4\n')
-    proc = ServerProcess(root / "data", "--workers", "local", "--models", str(models))
-    yield proc
-    assert proc.stop() == 0
 
 
 def healthz(server: ServerProcess) -> dict[str, Any]:
@@ -63,10 +53,12 @@ def program(service: tinker.ServiceClient) -> dict[str, Any]:
         for name, fb, step in pending:
             seen[name].append(fb.result().metrics["loss:sum"])
             step.result()
-    sampler = a.save_weights_and_get_sampling_client()
-    seen["logprobs"] = sampler.compute_logprobs(ModelInput.from_ints(tokens)).result()[1:]
-    out = sampler.sample(ModelInput.from_ints(tokens[:2]), 1, SamplingParams(max_tokens=6, temperature=0.0)).result()
-    seen["greedy"] = out.sequences[0].tokens
+    for name, tc in (("a", a), ("b", b)):  # sampled in the sampler worker under --workers local
+        sampler = tc.save_weights_and_get_sampling_client()
+        seen[f"logprobs_{name}"] = sampler.compute_logprobs(ModelInput.from_ints(tokens)).result()[1:]
+        out = sampler.sample(ModelInput.from_ints(tokens[:2]), 1, SamplingParams(max_tokens=6, temperature=0.0)).result()
+        seen[f"greedy_{name}"] = out.sequences[0].tokens
+        seen[f"greedy_logprobs_{name}"] = out.sequences[0].logprobs
     return seen
 
 
@@ -81,13 +73,16 @@ def test_local_workers_give_the_single_process_numbers(server: ServerProcess, lo
         finally:
             service.close().result(timeout=30)
     single, local = results
-    for key in ("a", "b", "logprobs"):
+    for key in ("a", "b", "logprobs_a", "logprobs_b", "greedy_logprobs_a", "greedy_logprobs_b"):
         np.testing.assert_allclose(local[key], single[key], rtol=RTOL, err_msg=key)
-    assert local["greedy"] == single["greedy"]
+    assert local["greedy_a"] == single["greedy_a"] and local["greedy_b"] == single["greedy_b"]
+    assert local["greedy_a"] != local["greedy_b"]  # two tenants' adapters, told apart
     workers = healthz(local_server)["workers"][TINY]
     assert workers["placement"] == "local" and workers["trainer_ranks"] == 2 and workers["alive"]
     assert len(workers["pids"]) == 2 and all(pid != local_server.proc.pid for pid in workers["pids"])
-    # /metrics counts the group's model too (GroupEngine.stats): the in-server sampler decoded.
+    assert sum(r["requests"] for r in workers["samplers"]) == 4  # 2 samples + 2 logprobs, in the workers
+    assert {r["pid"] for r in workers["samplers"]}.isdisjoint((local_server.proc.pid, *workers["pids"]))
+    # /metrics counts the group's model too (GroupEngine.stats): the sampler worker decoded.
     with urllib.request.urlopen(f"{local_server.base_url}/metrics", timeout=5) as response:
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     rows = [s.value for s in families["tinker_sampler_decode_rows"].samples if s.labels.get("base_model") == TINY]
@@ -113,13 +108,18 @@ def test_kill_9_of_a_rank_fails_fast_and_the_run_resumes_from_its_save(local_ser
             assert time.monotonic() - started < 5, "the death of an idle rank was not logged within 5 s"
             time.sleep(0.05)
         assert not healthz(local_server)["workers"][TINY]["alive"]
+        # The supervisor starts a new group at once, with no request made.
+        while not (restarted := healthz(local_server)["workers"][TINY])["alive"]:
+            assert time.monotonic() - started < 180, "the idle dead group was not started again within 180 s"
+            time.sleep(0.2)
+        assert restarted["restarts"] == before["restarts"] + 1 and set(restarted["pids"]).isdisjoint(before["pids"])
         started = time.monotonic()
         with pytest.raises(tinker.RequestFailedError) as info:  # the client's error for a 5xx
             tc.forward_backward(data, "cross_entropy").result(timeout=60)
         assert time.monotonic() - started < 10  # detected at once, never a hang
         assert f"rank 1 (pid {before['pids'][1]}) died" in str(info.value) and "retryable" in str(info.value)
 
-        # The next request finds a new group and the run reloaded from its save: the same numbers.
+        # The next request finds the new group and the run reloaded from its save: the same numbers.
         assert tc.forward(data, "cross_entropy").result(timeout=120).metrics["loss:sum"] == pytest.approx(
             saved_loss, rel=RTOL)
         after = healthz(local_server)["workers"][TINY]

@@ -69,7 +69,8 @@ def test_no_file_means_todays_defaults() -> None:
         ({"models": {"m": {"trainer_ranks": 2, "devices": ["cpu"]}}},
          'models."m".devices: expected one device per trainer rank (2), got 1'),
         ({"models": {"m": {"trainer_ranks": 2, "devices": ["cpu", "cuda:0"]}}}, "on one kind of device"),
-        ({"models": {"m": {"sampler_replicas": 2}}}, 'models."m".sampler_replicas: expected 1'),
+        ({"models": {"m": {"sampler_replicas": 0}}}, 'models."m".sampler_replicas: expected an int >= 1, got 0'),
+        ({"models": {"m": {"sampler_max_in_flight": 1.5}}}, 'models."m".sampler_max_in_flight: expected an int >= 1'),
         ({"models": {"m": {"tensor_parallel_size": 2}}}, 'models."m".tensor_parallel_size: expected 1'),
         ({"models": {"m": 3}}, 'models."m": expected a table, got int 3'),
         ({"models": [1]}, "models: expected a table of base models"),
@@ -85,6 +86,16 @@ def test_ranks_need_worker_processes() -> None:
     with pytest.raises(PlacementError, match=r'models\."m"\.trainer_ranks: 2 ranks need worker processes'):
         Deployment("inprocess", {"m": ModelPlacement(trainer_ranks=2)})
     Deployment("local", {"m": ModelPlacement(trainer_ranks=2)})
+
+
+def test_vllm_needs_the_inprocess_placement() -> None:
+    """Sampler workers run the torch sampler: vLLM, per model or as the server's default, is refused."""
+    with pytest.raises(PlacementError, match=r"models\.\"m\"\.sampler: expected 'torch' with --workers local"):
+        Deployment("local", {"m": ModelPlacement(sampler="vllm")})
+    with pytest.raises(PlacementError, match="sampler: expected 'torch' with --workers ray"):
+        Deployment("ray").check_sampler("vllm")
+    Deployment("inprocess", {"m": ModelPlacement(sampler="vllm")}).check_sampler("vllm")
+    assert parse_models({"models": {"m": {"sampler_replicas": 3}}})["m"].sampler_replicas == 3
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """``tinker-server --workers ray`` on a local Ray: the model trains on two Ray actors with the
 single-process server's numbers, and an actor killed with ``kill -9`` fails its request at once
-with a retryable error naming it, while the run resumes from its last ``save_state``."""
+with a retryable error naming it, while the run resumes from its last ``save_state``. Sampling
+runs in a sampler worker: the same greedy tokens as the single-process server, and the
+same fault promise when it is killed (a local process: see docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from conftest import TINY, ServerProcess
 
 import tinker
-from tinker import AdamParams
+from tinker import AdamParams, ModelInput, SamplingParams
 
 from .test_local_workers import TEXT, datum_of, healthz
 
@@ -76,6 +78,41 @@ def test_ray_workers_match_and_survive_kill_9(server: ServerProcess, ray_server:
             saved_loss, rel=RTOL)
         after = healthz(ray_server)["workers"][TINY]
         assert after["alive"] and after["restarts"] == workers["restarts"] + 1
+    finally:
+        for s in (single_service, service):
+            s.close().result(timeout=30)
+
+
+def test_the_sampler_worker_of_a_ray_server_samples_and_survives_kill_9(server: ServerProcess, ray_server: ServerProcess) -> None:
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    prompt = ModelInput.from_ints([0, 7, 9])
+    single_service = tinker.ServiceClient(base_url=server.base_url)
+    service = tinker.ServiceClient(base_url=ray_server.base_url)
+    try:
+        expected = train(single_service)[0].save_weights_and_get_sampling_client().sample(prompt, 1, greedy).result()
+        sampler = train(service)[0].save_weights_and_get_sampling_client()
+        assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == expected.sequences[0].tokens
+        [worker] = healthz(ray_server)["workers"][TINY]["samplers"]  # one local process
+        assert worker["alive"] and worker["pid"] not in (ray_server.proc.pid, *healthz(ray_server)["workers"][TINY]["pids"])
+
+        running = sampler.sample(prompt, 1, SamplingParams(max_tokens=1900, stop=[], seed=2))
+        started = time.monotonic()
+        while healthz(ray_server)["workers"][TINY]["samplers"][0]["in_flight"] == 0:
+            assert time.monotonic() - started < 30, "the request never reached the sampler worker"
+            time.sleep(0.02)
+        os.kill(worker["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(tinker.RequestFailedError) as info:
+            running.result(timeout=60)
+        assert time.monotonic() - killed < 10
+        assert f"sampler worker {worker['name']} (pid {worker['pid']}) died" in str(info.value)
+        assert "retryable" in str(info.value)
+        while not (back := healthz(ray_server)["workers"][TINY]["samplers"][0])["alive"]:
+            assert time.monotonic() - killed < 200, "the sampler worker did not come back within 200 s"
+            time.sleep(0.2)
+        assert back["restarts"] == 1 and back["pid"] != worker["pid"]
+        # The new process loads the version again from its folder: the same tokens.
+        assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == expected.sequences[0].tokens
     finally:
         for s in (single_service, service):
             s.close().result(timeout=30)

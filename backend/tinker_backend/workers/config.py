@@ -4,8 +4,9 @@ The file is TOML, one table per base model; every key is optional::
 
     [models."tiny-llama"]
     trainer_ranks = 2          # processes (CPU) or GPUs the base model is sharded over (FSDP2)
-    sampler = "torch"          # or "vllm"; default: --sampler
-    sampler_replicas = 1       # only 1 for now: sampling runs in the server process
+    sampler = "torch"          # or "vllm" (--workers inprocess only); default: --sampler
+    sampler_replicas = 1       # sampler worker processes (--workers local / ray); inprocess samples in the server
+    sampler_max_in_flight = 8  # requests at which the replica holding an adapter counts as overloaded
     devices = ["cpu", "cpu"]   # one per trainer rank: "cpu", "cuda" or "cuda:N"
     dtype = "float32"          # or "bfloat16", "float16"; default fp32 on CPU, bf16 on CUDA
     max_adapter_slots = 16     # default: --adapter-slots
@@ -44,6 +45,7 @@ class ModelPlacement:
     trainer_ranks: int = 1
     sampler: str | None = None  # None: the server's --sampler
     sampler_replicas: int = 1
+    sampler_max_in_flight: int = 8  # routing.DEFAULT_MAX_IN_FLIGHT
     devices: tuple[str, ...] | None = None
     dtype: str | None = None
     max_adapter_slots: int | None = None
@@ -61,6 +63,13 @@ class Deployment:
     def placement(self, base_model: str) -> ModelPlacement:
         return self.models.get(base_model, ModelPlacement())
 
+    def check_sampler(self, sampler: str | None) -> None:
+        """Refuse the server's default ``--sampler vllm`` with worker processes, which run the
+        torch sampler (a model's own ``sampler`` key is checked with the file)."""
+        if sampler == "vllm" and self.workers != "inprocess":
+            raise PlacementError(f"sampler: expected 'torch' with --workers {self.workers} (sampler workers run "
+                                 "the torch sampler; vLLM runs with --workers inprocess), got 'vllm'")
+
     def __post_init__(self) -> None:
         if self.workers not in WORKER_KINDS:
             raise PlacementError(f"workers: expected one of {list(WORKER_KINDS)}, got {self.workers!r}")
@@ -70,24 +79,35 @@ class Deployment:
                     f"models.{_quoted(name)}.trainer_ranks: {placement.trainer_ranks} ranks need worker "
                     "processes (tinker-server --workers local or ray); inprocess runs one"
                 )
+            if placement.sampler == "vllm" and self.workers != "inprocess":
+                raise PlacementError(
+                    f"models.{_quoted(name)}.sampler: expected 'torch' with --workers {self.workers} (sampler "
+                    "workers run the torch sampler; vLLM runs with --workers inprocess), got 'vllm'"
+                )
 
 
-def load_deployment(workers: str, models_file: Path | None, ray_address: str | None = None) -> Deployment:
+def load_deployment(
+    workers: str, models_file: Path | None, ray_address: str | None = None, sampler: str | None = None
+) -> Deployment:
     """The deployment of ``--workers``, ``--models`` (None: every model with the defaults) and
-    ``--ray-address``."""
+    ``--ray-address``, checked against the default ``--sampler``."""
     if workers == "ray" and importlib.util.find_spec("ray") is None:
         raise PlacementError("workers: 'ray' needs the ray package (pip install 'open-tinker[ray]')")
     if ray_address is not None and workers != "ray":
         raise PlacementError(f"ray_address: only used with --workers ray, got --workers {workers}")
     if models_file is None:
-        return Deployment(workers, {}, ray_address)  # type: ignore[arg-type]  # checked by Deployment
+        deployment = Deployment(workers, {}, ray_address)  # type: ignore[arg-type]  # checked by Deployment
+        deployment.check_sampler(sampler)
+        return deployment
     try:
         document = tomllib.loads(models_file.read_text(encoding="utf-8"))
     except OSError as e:
         raise PlacementError(f"--models: cannot read {models_file}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise PlacementError(f"--models: {models_file} is not valid TOML: {e}") from e
-    return Deployment(workers, parse_models(document), ray_address)  # type: ignore[arg-type]
+    deployment = Deployment(workers, parse_models(document), ray_address)  # type: ignore[arg-type]
+    deployment.check_sampler(sampler)
+    return deployment
 
 
 def parse_models(document: dict[str, Any]) -> dict[str, ModelPlacement]:
@@ -110,7 +130,8 @@ def _placement(name: str, table: Any) -> ModelPlacement:
         if key not in known:
             raise PlacementError(f"{where}.{key}: unknown key (expected one of {sorted(known)})")
     values: dict[str, Any] = {}
-    for key in ("trainer_ranks", "sampler_replicas", "max_adapter_slots", "tensor_parallel_size"):
+    for key in ("trainer_ranks", "sampler_replicas", "sampler_max_in_flight", "max_adapter_slots",
+                "tensor_parallel_size"):
         if key in table:
             values[key] = _positive_int(f"{where}.{key}", table[key])
     for key, choices in (("sampler", SAMPLER_KINDS), ("dtype", DTYPES)):
@@ -120,11 +141,6 @@ def _placement(name: str, table: Any) -> ModelPlacement:
             values[key] = table[key]
     if "devices" in table:
         values["devices"] = _devices(f"{where}.devices", table["devices"], values.get("trainer_ranks", 1))
-    if values.get("sampler_replicas", 1) != 1:
-        raise PlacementError(
-            f"{where}.sampler_replicas: expected 1 (separate sampler replicas are not available yet, "
-            f"docs/scaling.md), got {values['sampler_replicas']}"
-        )
     if values.get("tensor_parallel_size", 1) != 1:
         raise PlacementError(
             f"{where}.tensor_parallel_size: expected 1 (vLLM tensor parallelism is not wired yet, "
