@@ -3,6 +3,8 @@
 Each repetition is one ``pytest`` process over the selected tests (so nothing is shared between
 repetitions but the machine), with a JUnit report per repetition; the tally is printed as a
 Markdown table and written, with every run's durations and failure messages, to ``--out``.
+A test stopped by its pytest-timeout mark is tallied as "timeout", apart from "failed" (a bound
+not met, an error): on a loaded machine the first says nothing about learning.
 
     python bench/repeat_learning_tests.py -n 10 --out /tmp/repeat.json
     python bench/repeat_learning_tests.py -n 3 tests/cookbook/test_rl.py::test_rl_sync_reward_rises
@@ -46,7 +48,7 @@ def run_once(tests: list[str], report: Path) -> None:
 
 
 def outcomes(report: Path) -> dict[str, tuple[str, float, str]]:
-    """Per test id: ("passed" | "failed" | "skipped", seconds, failure message)."""
+    """Per test id: ("passed" | "failed" | "timeout" | "skipped", seconds, failure message)."""
     results = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
@@ -54,8 +56,8 @@ def outcomes(report: Path) -> dict[str, tuple[str, float, str]]:
         for tag in ("failure", "error", "skipped"):
             element = case.find(tag)
             if element is not None:
-                status = "skipped" if tag == "skipped" else "failed"
                 message = (element.get("message") or "")[:300]
+                status = "skipped" if tag == "skipped" else "timeout" if "Timeout" in message else "failed"
         results[name] = (status, float(case.get("time", 0.0)), message)
     return results
 
@@ -76,12 +78,12 @@ def main() -> None:
                 tally[name].append(outcome)
             print(f"repetition {i + 1}/{args.n} done in {time.perf_counter() - start:.0f} s", flush=True)
             args.out.write_text(json.dumps(tally, indent=1))
-    print("| test | passed | failed | skipped | seconds (min-max) |\n| --- | --- | --- | --- | --- |")
+    statuses = ("passed", "failed", "timeout", "skipped")
+    print(f"| test | {' | '.join(statuses)} | seconds (min-max) |\n|{' --- |' * (len(statuses) + 2)}")
     for name, runs in sorted(tally.items()):
-        counts = {s: sum(r[0] == s for r in runs) for s in ("passed", "failed", "skipped")}
+        counts = " | ".join(str(sum(r[0] == s for r in runs)) for s in statuses)
         seconds = [r[1] for r in runs]
-        print(f"| `{name}` | {counts['passed']} | {counts['failed']} | {counts['skipped']} | "
-              f"{min(seconds):.0f}-{max(seconds):.0f} |")
+        print(f"| `{name}` | {counts} | {min(seconds):.0f}-{max(seconds):.0f} |")
         for status, _, message in runs:
             if status == "failed":
                 print(f"|   failure: {message} |")
