@@ -8,13 +8,22 @@ and replies with the number of a free cell::
            4 | O | 6
            7 | 8 | 9
 
-A reply whose first number is not a free cell is an illegal move: it is counted, and a random
-free cell (seeded per game) is played instead, so every game goes on to a real result.
-Reward per player: ``+1`` win, ``-1`` loss, ``0`` draw, minus the share of its own moves that
-were illegal. Outcomes cancel between the two players, so the mean reward measures legal
-play: about ``-1`` for a policy that never names a free cell, ``0`` for one that always does.
-A group holds both players of ``games_per_group`` games. Metrics: ``win``, ``draw``,
-``illegal`` (share of own moves), ``moves``.
+The reply's first integer is the move. A move that is not a free cell is illegal: it forfeits
+the game for its player, and a random free cell (seeded per game) is played in its place, so
+that both players still play a whole game and every one of their moves is scored.
+
+Reward per player: the outcome plus ``move_bonus`` times the player's mean move score.
+
+* Outcome: ``-1`` if the player made an illegal move (both players can forfeit), else ``+1``
+  if the opponent did, else the board decides (``+1`` win, ``-1`` loss, ``0`` draw). A player's
+  outcome so depends on its own moves only: a random policy's games do not hand one side a
+  random win, which would drown the signal in noise.
+* Move score (shaping, so that a policy that never names a free cell still sees which replies
+  were better): ``1`` for a legal move, ``0.5`` for a reply that names a number that is not a
+  free cell, ``0`` for a reply with no number.
+
+A group holds both players of ``games_per_group`` games. Metrics: ``win`` (outcome +1),
+``draw``, ``illegal`` (share of own moves), ``moves``.
 """
 
 from __future__ import annotations
@@ -36,11 +45,11 @@ _INT = re.compile(r"\d+")
 class TicTacToeGame(TurnBasedGame):
     """Player 0 is X and moves first; player 1 is O."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, move_bonus: float = 0.5) -> None:
         self.board: list[int | None] = [None] * 9
         self.rng = random.Random(seed)
-        self.moves = [0, 0]
-        self.illegal = [0, 0]
+        self.move_bonus = move_bonus
+        self.scores: tuple[list[float], list[float]] = ([], [])  # per player, one per own move
         self.turn = 0
 
     def current_player(self) -> int:
@@ -62,12 +71,16 @@ class TicTacToeGame(TurnBasedGame):
     def play(self, player: int, reply: str) -> None:
         match = _INT.search(reply)
         cell = int(match.group()) - 1 if match else -1
-        if cell not in self.free_cells():
-            self.illegal[player] += 1
+        if cell in self.free_cells():
+            self.scores[player].append(1.0)
+        else:
+            self.scores[player].append(0.5 if match else 0.0)
             cell = self.rng.choice(self.free_cells())
         self.board[cell] = player
-        self.moves[player] += 1
         self.turn = 1 - player
+
+    def illegal_share(self, player: int) -> float:
+        return sum(s < 1.0 for s in self.scores[player]) / len(self.scores[player])
 
     def winner(self) -> int | None:
         for a, b, c in LINES:
@@ -78,18 +91,25 @@ class TicTacToeGame(TurnBasedGame):
     def is_over(self) -> bool:
         return self.winner() is not None or not self.free_cells()
 
-    def reward(self, player: int) -> float:
+    def outcome(self, player: int) -> float:
+        """-1 for a forfeit (an illegal move), +1 when only the opponent forfeited, else the board's."""
+        if self.illegal_share(player) > 0:
+            return -1.0
+        if self.illegal_share(1 - player) > 0:
+            return 1.0
         winner = self.winner()
-        outcome = 0.0 if winner is None else 1.0 if winner == player else -1.0
-        return outcome - self.illegal[player] / self.moves[player]
+        return 0.0 if winner is None else 1.0 if winner == player else -1.0
+
+    def reward(self, player: int) -> float:
+        scores = self.scores[player]
+        return self.outcome(player) + self.move_bonus * sum(scores) / len(scores)
 
     def metrics(self, player: int) -> dict[str, float]:
-        winner = self.winner()
         return {
-            "win": float(winner == player),
-            "draw": float(winner is None),
-            "illegal": self.illegal[player] / self.moves[player],
-            "moves": float(self.moves[player]),
+            "win": float(self.outcome(player) == 1.0),
+            "draw": float(self.outcome(player) == 0.0),
+            "illegal": self.illegal_share(player),
+            "moves": float(len(self.scores[player])),
         }
 
 
@@ -100,11 +120,12 @@ class SelfPlayGroupBuilder(EnvGroupBuilder):
     renderer: Renderer
     games_per_group: int
     seed: int
+    move_bonus: float = 0.5
 
     async def make_envs(self) -> Sequence[Env]:
         envs: list[Env] = []
         for g in range(self.games_per_group):
-            coordinator = GameCoordinator(TicTacToeGame(self.seed * 1_000 + g))
+            coordinator = GameCoordinator(TicTacToeGame(self.seed * 1_000 + g, self.move_bonus))
             envs += [PlayerEnv(coordinator, player, self.renderer) for player in (0, 1)]
         return envs
 
@@ -113,17 +134,22 @@ class SelfPlayGroupBuilder(EnvGroupBuilder):
 
 
 class SelfPlayDataset(RLDataset):
-    def __init__(self, renderer: Renderer, batch_size: int, games_per_group: int, n_batches: int, seed: int) -> None:
+    def __init__(self, renderer: Renderer, batch_size: int, games_per_group: int, n_batches: int, seed: int,
+                 move_bonus: float = 0.5) -> None:
         self.renderer, self.batch_size, self.games_per_group, self.n_batches, self.seed = (
             renderer, batch_size, games_per_group, n_batches, seed,
         )
+        self.move_bonus = move_bonus
 
     def __len__(self) -> int:
         return self.n_batches
 
     def get_batch(self, index: int) -> list[EnvGroupBuilder]:
         base = (self.seed * 1_000_003 + index) * self.batch_size
-        return [SelfPlayGroupBuilder(self.renderer, self.games_per_group, base + i) for i in range(self.batch_size)]
+        return [
+            SelfPlayGroupBuilder(self.renderer, self.games_per_group, base + i, self.move_bonus)
+            for i in range(self.batch_size)
+        ]
 
 
 @dataclass
@@ -132,6 +158,8 @@ class SelfPlayDatasetBuilder:
     games_per_group: int
     n_batches: int
     seed: int = 0
+    move_bonus: float = 0.5
 
     def __call__(self, renderer: Renderer) -> tuple[RLDataset, RLDataset | None]:
-        return SelfPlayDataset(renderer, self.batch_size, self.games_per_group, self.n_batches, self.seed), None
+        return SelfPlayDataset(renderer, self.batch_size, self.games_per_group, self.n_batches, self.seed,
+                               self.move_bonus), None

@@ -1,22 +1,29 @@
-"""Twenty questions: the policy asks yes/no questions about a secret word; a frozen sampler of
+"""Twenty questions: the policy asks yes/no questions about a secret animal; a frozen sampler of
 the base model, told the secret, answers them.
 
 Player 0 (trained) asks; player 1 (the answerer, not trained) sees only the secret and the
 latest question and answers. The episode ends when a question names the secret (solved) or
 after ``max_questions`` questions::
 
-    system: Guess my secret animal. Ask yes/no questions; name it to win.
+    system: Guess my secret animal: cat, dog, horse, cow, fish, bird, lion or bear. Ask yes/no
+            questions; name it to win.
     assistant: Does it bark?      user: Yes.
     assistant: Is it a dog?       -> solved: reward 1
 
-Reward: ``1`` when solved, plus ``question_bonus`` times the share of the asker's turns that
-were questions (ended with ``?``), a small format signal that a policy can learn before it
-ever names the secret. Metrics: ``solved``, ``questions`` (that share), ``turns``.
+A question solves the game when it names the secret and no other animal of the list, so
+listing every animal in one question does not win.
+
+Reward: ``1`` when solved, plus ``question_bonus`` times the asker's mean question score
+(shaping, a format signal a policy can learn before it ever names the secret): per turn,
+``0.5`` for a yes/no question word (is, does, can, ...) and ``0.5`` for ending with ``?``.
+Metrics: ``solved``, ``questions`` (share of turns ending with ``?``), ``question_score``,
+``turns``.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,13 +35,22 @@ from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset
 
 ANIMALS = ("cat", "dog", "horse", "cow", "fish", "bird", "lion", "bear")
 ASKER, ANSWERER = 0, 1
+_WORD = re.compile(r"[a-z]+")
+YES_NO_WORDS = frozenset({"is", "are", "was", "does", "do", "did", "can", "could", "has", "have", "will", "would"})
+
+
+def question_score(turn: str) -> float:
+    """0.5 for a yes/no question word, 0.5 for ending with ``?`` (the shaping term's unit)."""
+    words = set(_WORD.findall(turn.lower()))
+    return 0.5 * bool(words & YES_NO_WORDS) + 0.5 * turn.strip().endswith("?")
 
 
 class TwentyQuestionsGame(TurnBasedGame):
     def __init__(self, secret: str, max_questions: int, question_bonus: float) -> None:
         self.secret, self.max_questions, self.question_bonus = secret, max_questions, question_bonus
+        listed = ", ".join(ANIMALS[:-1]) + f" or {ANIMALS[-1]}"
         self.history: list[Message] = [
-            Message(role="system", content="Guess my secret animal. Ask yes/no questions; name it to win.")
+            Message(role="system", content=f"Guess my secret animal: {listed}. Ask yes/no questions; name it to win.")
         ]
         self.questions: list[str] = []
         self.answers: list[str] = []
@@ -61,7 +77,8 @@ class TwentyQuestionsGame(TurnBasedGame):
             self.history.append(Message(role="user", content=answer))
 
     def solved(self) -> bool:
-        return bool(self.questions) and self.secret in self.questions[-1].lower()
+        named = set(_WORD.findall(self.questions[-1].lower())) & set(ANIMALS) if self.questions else set()
+        return named == {self.secret}
 
     def is_over(self) -> bool:
         return self.solved() or (len(self.questions) >= self.max_questions and self.current_player() == ASKER)
@@ -69,11 +86,19 @@ class TwentyQuestionsGame(TurnBasedGame):
     def question_share(self) -> float:
         return sum(q.strip().endswith("?") for q in self.questions) / len(self.questions)
 
+    def mean_question_score(self) -> float:
+        return sum(map(question_score, self.questions)) / len(self.questions)
+
     def reward(self, player: int) -> float:
-        return float(self.solved()) + self.question_bonus * self.question_share()
+        return float(self.solved()) + self.question_bonus * self.mean_question_score()
 
     def metrics(self, player: int) -> dict[str, float]:
-        return {"solved": float(self.solved()), "questions": self.question_share(), "turns": float(len(self.questions))}
+        return {
+            "solved": float(self.solved()),
+            "questions": self.question_share(),
+            "question_score": self.mean_question_score(),
+            "turns": float(len(self.questions)),
+        }
 
 
 @dataclass(frozen=True)
