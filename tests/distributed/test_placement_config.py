@@ -15,6 +15,7 @@ import tinker
 from tinker import Datum, LoraConfig, ModelInput
 from tinker_backend.engine.model_engine import ModelEngine
 from tinker_backend.model_registry import resolve_model
+from tinker_backend.workers import config
 from tinker_backend.workers.config import (
     Deployment,
     ModelPlacement,
@@ -88,13 +89,16 @@ def test_ranks_need_worker_processes() -> None:
     Deployment("local", {"m": ModelPlacement(trainer_ranks=2)})
 
 
-def test_vllm_needs_the_inprocess_placement() -> None:
-    """Sampler workers run the torch sampler: vLLM, per model or as the server's default, is refused."""
-    with pytest.raises(PlacementError, match=r"models\.\"m\"\.sampler: expected 'torch' with --workers local"):
-        Deployment("local", {"m": ModelPlacement(sampler="vllm")})
-    with pytest.raises(PlacementError, match="sampler: expected 'torch' with --workers ray"):
+def test_vllm_runs_in_every_placement_but_needs_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM runs in the server or in sampler workers; without the vllm package the key is named."""
+    for workers in ("inprocess", "local", "ray"):
+        Deployment(workers, {"m": ModelPlacement(sampler="vllm")})  # type: ignore[arg-type]
+    monkeypatch.setattr(config, "_installed", lambda package: package != "vllm")
+    with pytest.raises(PlacementError, match=r"models\.\"m\"\.sampler: 'vllm' needs the vllm package"):
+        Deployment("local", {"m": ModelPlacement(sampler="vllm")}).check_sampler("torch")
+    with pytest.raises(PlacementError, match=r"^sampler: 'vllm' needs the vllm package"):
         Deployment("ray").check_sampler("vllm")
-    Deployment("inprocess", {"m": ModelPlacement(sampler="vllm")}).check_sampler("vllm")
+    Deployment("local", {"m": ModelPlacement(sampler="torch")}).check_sampler("torch")
     assert parse_models({"models": {"m": {"sampler_replicas": 3}}})["m"].sampler_replicas == 3
 
 

@@ -57,6 +57,10 @@ class RoutedSampler:
             raise KeyError(f"sampler_id: no sampler {sampler_id!r}")
         return owner
 
+    def fallback_ids(self) -> list[str]:
+        """The sampler ids the fallback (torch) serves, sorted."""
+        return sorted(sampler_id for sampler_id, owner in self._owners.items() if owner is self.fallback)
+
     def add_adapter(self, sampler_id: str, checkpoint: AdapterCheckpoint) -> None:
         target: Sampler = self.primary
         reason = self.primary.unsupported(checkpoint)

