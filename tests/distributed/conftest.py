@@ -4,9 +4,14 @@ are reported as skipped with that reason. The cheap tests here run everywhere.""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import TINY, ServerProcess
@@ -62,7 +67,7 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
 def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """``--workers ray`` on a local Ray: the same models as ``local_server``, the ranks and the
     sampler workers as Ray actors. Its teardown is the clean-exit check after the kill -9 tests'
-    actor restarts: exit 0 on SIGTERM, a clean log."""
+    actor restarts, and during one: exit 0 on SIGTERM, a clean log."""
     pytest.importorskip("ray", reason="needs the [ray] extra (nox -s distributed installs it)")
     root = tmp_path_factory.mktemp("ray-workers")
     # A local test cluster: no token file written to ~/.ray (Ray 2.60 turns auth on by default),
@@ -75,4 +80,18 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
         for key in test_env:
             del os.environ[key]
     yield proc
+    # The stop also lands while a sampler actor restarts: one is killed, and once the server has
+    # seen it die (its restart takes seconds), SIGTERM.
+    os.kill(sampler_health(proc)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while sampler_health(proc)["alive"]:
+        assert time.monotonic() < deadline, "the killed sampler actor was not seen dead within 10 s"
+        time.sleep(0.05)
     stop_cleanly(proc)
+
+
+def sampler_health(proc: ServerProcess) -> dict[str, Any]:
+    """healthz's entry for tiny-llama's first sampler replica."""
+    with urllib.request.urlopen(f"{proc.base_url}/api/v1/healthz", timeout=5) as response:
+        replica: dict[str, Any] = json.loads(response.read())["workers"][TINY]["samplers"][0]
+        return replica

@@ -13,10 +13,13 @@ owns both fixes (docs/scaling.md, "Shutdown"):
   Ray down.
 * **Ray's failure signal handler.** Each core worker, the driver's too, installs abseil's
   failure signal handler for SIGTERM, which prints a stack trace, arms an abort 3 s ahead
-  (ray-project/ray#64830) and then chains to the server's own handler. ``cli.main`` sets
-  ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1`` (Ray's documented switch) before Ray is imported, so
-  SIGTERM reaches aiohttp's graceful shutdown untouched; ``cancel_abort_alarm`` still disarms
-  the abort when an operator turned the handler back on.
+  (ray-project/ray#64830) and then chains to the server's own handler. ``prepare_environment``
+  (called by ``cli.main`` before Ray is imported) sets ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER=1``,
+  Ray's documented switch, so SIGTERM reaches aiohttp's graceful shutdown untouched;
+  ``cancel_abort_alarm`` still disarms the abort when an operator turned the handler back on.
+
+It also turns off Ray's auto-connect: a Ray call made after ``disconnect`` (a sampler actor's
+restart racing the shutdown) would otherwise start a new local Ray.
 
 Ray itself does not install its Python SIGTERM handler here: it only does so when ``ray.init``
 runs on the main thread.
@@ -24,19 +27,32 @@ runs on the main thread.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from concurrent.futures import Future
 
-import ray
+# What the server sets before Ray is imported (Ray reads both at import), unless already set.
+DRIVER_ENV = {
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",  # SIGTERM straight to the server's shutdown
+    "RAY_ENABLE_AUTO_CONNECT": "0",  # no Ray call may start a local Ray behind connect's back
+}
 
 _lock = threading.Lock()  # two models' engine threads may connect at once
 _release = threading.Event()  # set by disconnect: the driver thread may end
 
 
+def prepare_environment() -> None:
+    """Set ``DRIVER_ENV`` in this process; call it before anything imports Ray."""
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at ``address``, or start a local Ray (no dashboard) when None; the
     ``ray.init`` runs on a daemon thread that lives until ``disconnect``."""
+    import ray
+
     with _lock:
         if ray.is_initialized():
             return
@@ -47,6 +63,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def _drive(address: str | None, num_cpus: int | None, started: Future[None]) -> None:
+    import ray
+
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -68,6 +86,8 @@ def cancel_abort_alarm() -> None:
 def disconnect() -> None:
     """Leave Ray, stopping the local Ray that ``connect`` started, if it did; then let the
     driver thread end."""
+    import ray
+
     with _lock:
         if ray.is_initialized():
             ray.shutdown()
