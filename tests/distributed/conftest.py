@@ -82,12 +82,14 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     yield proc
     # The stop also lands while a sampler actor restarts: one is killed, and once the server has
     # seen it die (its restart takes seconds), SIGTERM.
-    os.kill(sampler_health(proc)["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while sampler_health(proc)["alive"]:
-        assert time.monotonic() < deadline, "the killed sampler actor was not seen dead within 10 s"
-        time.sleep(0.05)
-    stop_cleanly(proc)
+    try:
+        os.kill(sampler_health(proc)["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while sampler_health(proc)["alive"]:
+            assert time.monotonic() < deadline, "the killed sampler actor was not seen dead within 10 s"
+            time.sleep(0.05)
+    finally:
+        stop_cleanly(proc)
 
 
 def sampler_health(proc: ServerProcess) -> dict[str, Any]:
