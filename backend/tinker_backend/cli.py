@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         sampler=args.sampler,
         deployment=deployment,
     )
+    if deployment.workers == "ray":
+        from tinker_backend.workers import ray_driver
+
+        ray_driver.prepare_environment()  # before Ray is imported
     log.info("serving on http://%s:%d (data dir %s)", args.host, args.port, args.data_dir.resolve())
     # run_app handles SIGINT and SIGTERM: it stops accepting, runs cleanup, and exits 0.
     web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True, access_log=None)

@@ -110,32 +110,37 @@ class EnginePool:
         )
         start_group: Callable[[GroupSpec], Any] = TrainerGroup
         if self.deployment.workers == "ray":
-            from tinker_backend.workers import ray_group
+            from tinker_backend.workers import ray_driver, ray_group
 
-            ray_group.connect(self.deployment.ray_address, num_cpus=max(os.cpu_count() or 1, spec.ranks))
+            actors = spec.ranks + placement.sampler_replicas  # one CPU each
+            ray_driver.connect(self.deployment.ray_address, num_cpus=max(os.cpu_count() or 1, actors))
             start_group = ray_group.RayTrainerGroup
         group = GroupEngine(spec, lambda: self._sampler_pool(base_model, path, placement),
                             placement=self.deployment.workers, start_group=start_group,
-                            # Under Ray, a group started by the supervisor's thread made the server
-                            # exit 1 on SIGTERM (not understood yet): restart at the next request.
+                            # A Ray group's liveness is read from pids, which only works for actors
+                            # on this node: no supervisor there; a dead group restarts at its next request.
                             supervise=self.deployment.workers == "local")
         self._groups[base_model] = group
         return group
 
     def _sampler_pool(self, base_model: str, path: Path, placement: ModelPlacement) -> Any:
-        """The model's ``sampler_replicas`` sampler workers: local processes, also with ``--workers
-        ray`` (as Ray actors they made the server exit 1 on SIGTERM after an actor restart, not
-        understood yet); they load the adapter versions the group publishes under the data dir."""
-        from tinker_backend.workers.sampler_pool import SamplerPool
-        from tinker_backend.workers.sampler_worker import SamplerSpec, default_threads
+        """The model's ``sampler_replicas`` sampler workers: local processes, or Ray actors with
+        ``--workers ray``; they load the adapter versions the group publishes under the data dir."""
+        from tinker_backend.workers.sampler_pool import SamplerPool, StartReplica
+        from tinker_backend.workers.sampler_worker import SamplerProcess, SamplerSpec, default_threads
 
         device = placement.devices[0].split(":")[0] if placement.devices else None
         spec = SamplerSpec(base_model, path, device, placement.dtype, default_threads(placement.sampler_replicas),
                            sampler=placement.sampler or self.sampler,
                            sampler_dir=self.data_dir / "sampler-adapters" / _safe_name(base_model),
                            max_lora_rank=self.limits.max_lora_rank)
+        start: StartReplica = SamplerProcess
+        if self.deployment.workers == "ray":
+            from tinker_backend.workers.ray_sampler import RaySampler
+
+            start = RaySampler
         return SamplerPool(spec, placement.sampler_replicas, self.data_dir / "published" / _safe_name(base_model),
-                           max_in_flight=placement.sampler_max_in_flight)
+                           max_in_flight=placement.sampler_max_in_flight, start=start)
 
     def _engine_options(self, base_model: str, placement: ModelPlacement) -> dict[str, Any]:
         return {
@@ -187,17 +192,17 @@ class EnginePool:
 
     def close(self) -> None:
         if self.deployment.workers == "ray" and self._groups:
-            from tinker_backend.workers import ray_group
+            from tinker_backend.workers import ray_driver
 
-            ray_group.cancel_abort_alarm()
+            ray_driver.cancel_abort_alarm()
         for scheduler in self._schedulers.values():
             scheduler.close()
         for group in self._groups.values():  # their worker processes or actors
             group.close()
         if self.deployment.workers == "ray" and self._groups:
-            from tinker_backend.workers import ray_group
+            from tinker_backend.workers import ray_driver
 
-            ray_group.disconnect()  # before exit, or Ray's own exit handler aborts the process
+            ray_driver.disconnect()  # after the actors are gone; before exit (docs/scaling.md, Shutdown)
 
 
 def _safe_name(name: str) -> str:

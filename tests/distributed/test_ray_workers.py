@@ -1,15 +1,15 @@
 """``tinker-server --workers ray`` on a local Ray: the model trains on two Ray actors with the
 single-process server's numbers, and an actor killed with ``kill -9`` fails its request at once
 with a retryable error naming it, while the run resumes from its last ``save_state``. Sampling
-runs in a sampler worker: the same greedy tokens as the single-process server, and the
-same fault promise when it is killed (a local process: see docs/scaling.md)."""
+runs in sampler worker actors with the single-process server's greedy tokens and logprobs (their
+kill -9 test is ``test_sampler_workers.py``, run in both placements). The server (``ray_server``,
+shared) must exit 0 with a clean log on SIGTERM after those restarts: its fixture checks it."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from conftest import TINY, ServerProcess
@@ -19,28 +19,9 @@ from tinker import AdamParams, ModelInput, SamplingParams
 
 from .test_local_workers import TEXT, datum_of, healthz
 
-pytest.importorskip("ray", reason="needs the [ray] extra (nox -s distributed installs it)")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(400)]
 
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("ray-workers")
-    models = root / "models.toml"
-    models.write_text(f'[models."{TINY}"]\ntrainer_ranks = 2\n')
-    # A local test cluster: no token file written to ~/.ray (Ray 2.60 turns auth on by default),
-    # and no memory monitor (on a busy test machine it kills actors when the whole host is full).
-    test_env = {"RAY_AUTH_MODE": "disabled", "RAY_memory_monitor_refresh_ms": "0"}
-    os.environ.update(test_env)
-    try:
-        proc = ServerProcess(root / "data", "--workers", "ray", "--models", str(models))
-    finally:
-        for key in test_env:
-            del os.environ[key]
-    yield proc
-    assert proc.stop() == 0
 
 
 def train(service: tinker.ServiceClient) -> tuple[tinker.TrainingClient, list[float]]:
@@ -83,7 +64,7 @@ def test_ray_workers_match_and_survive_kill_9(server: ServerProcess, ray_server:
             s.close().result(timeout=30)
 
 
-def test_the_sampler_worker_of_a_ray_server_samples_and_survives_kill_9(server: ServerProcess, ray_server: ServerProcess) -> None:
+def test_ray_sampler_actors_give_the_single_process_tokens(server: ServerProcess, ray_server: ServerProcess) -> None:
     greedy = SamplingParams(max_tokens=6, temperature=0.0)
     prompt = ModelInput.from_ints([0, 7, 9])
     single_service = tinker.ServiceClient(base_url=server.base_url)
@@ -91,28 +72,14 @@ def test_the_sampler_worker_of_a_ray_server_samples_and_survives_kill_9(server: 
     try:
         expected = train(single_service)[0].save_weights_and_get_sampling_client().sample(prompt, 1, greedy).result()
         sampler = train(service)[0].save_weights_and_get_sampling_client()
-        assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == expected.sequences[0].tokens
-        [worker] = healthz(ray_server)["workers"][TINY]["samplers"]  # one local process
-        assert worker["alive"] and worker["pid"] not in (ray_server.proc.pid, *healthz(ray_server)["workers"][TINY]["pids"])
-
-        running = sampler.sample(prompt, 1, SamplingParams(max_tokens=1900, stop=[], seed=2))
-        started = time.monotonic()
-        while healthz(ray_server)["workers"][TINY]["samplers"][0]["in_flight"] == 0:
-            assert time.monotonic() - started < 30, "the request never reached the sampler worker"
-            time.sleep(0.02)
-        os.kill(worker["pid"], signal.SIGKILL)
-        killed = time.monotonic()
-        with pytest.raises(tinker.RequestFailedError) as info:
-            running.result(timeout=60)
-        assert time.monotonic() - killed < 10
-        assert f"sampler worker {worker['name']} (pid {worker['pid']}) died" in str(info.value)
-        assert "retryable" in str(info.value)
-        while not (back := healthz(ray_server)["workers"][TINY]["samplers"][0])["alive"]:
-            assert time.monotonic() - killed < 200, "the sampler worker did not come back within 200 s"
-            time.sleep(0.2)
-        assert back["restarts"] == 1 and back["pid"] != worker["pid"]
-        # The new process loads the version again from its folder: the same tokens.
-        assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == expected.sequences[0].tokens
+        got = sampler.sample(prompt, 1, greedy).result()
+        assert got.sequences[0].tokens == expected.sequences[0].tokens
+        assert got.sequences[0].logprobs == pytest.approx(expected.sequences[0].logprobs, rel=RTOL)
+        workers = healthz(ray_server)["workers"][TINY]
+        actors = workers["samplers"]  # Ray actors: processes of their own, neither the server nor a rank
+        assert len(actors) == 2 and all(a["alive"] for a in actors)
+        assert {a["pid"] for a in actors}.isdisjoint((ray_server.proc.pid, *workers["pids"]))
+        assert sum(a["requests"] for a in actors) >= 1
     finally:
         for s in (single_service, service):
             s.close().result(timeout=30)

@@ -1,14 +1,16 @@
-"""Sampler workers (``--workers local``, ``sampler_replicas = 2``: the shared ``local_server``)
-through the real client: requests stay on the replica holding their adapter version until it
-is overloaded, then spill over to the other, which loads the version from its folder; a replica
-killed with ``kill -9`` fails its requests in flight at once with a retryable error naming it,
-the other replica serves the next request, and the dead one comes back without a server
-restart. Counted via healthz."""
+"""Sampler workers (``sampler_replicas = 2``) in both worker placements, local processes (the
+shared ``local_server``) and Ray actors (``ray_server``), through the real client: requests stay
+on the replica holding their adapter version until it is overloaded, then spill over to the
+other, which loads the version from its folder; a replica killed with ``kill -9`` fails its
+requests in flight at once with a retryable error naming it, the other replica serves the next
+request with the same numbers, and the dead one comes back without a server restart. Counted
+via healthz."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -21,13 +23,21 @@ from conftest import TINY, ServerProcess
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
-from .conftest import LOCAL_MAX_IN_FLIGHT
+from .conftest import SAMPLER_MAX_IN_FLIGHT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 
+
+@pytest.fixture(scope="module", params=["local_server", "ray_server"])
+def placed(request: pytest.FixtureRequest) -> ServerProcess:
+    """The server of one placement (module-scoped: each placement's tests run together)."""
+    server: ServerProcess = request.getfixturevalue(request.param)
+    return server
+
+
 @pytest.fixture(scope="module")
-def service(local_server: ServerProcess) -> Iterator[tinker.ServiceClient]:
-    client = tinker.ServiceClient(base_url=local_server.base_url)
+def service(placed: ServerProcess) -> Iterator[tinker.ServiceClient]:
+    client = tinker.ServiceClient(base_url=placed.base_url)
     yield client
     client.close().result(timeout=30)
 
@@ -55,24 +65,24 @@ def trained_sampler(service: tinker.ServiceClient, server: ServerProcess, seed: 
     return sampler, sampler_id, index
 
 
-def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, local_server: ServerProcess) -> None:
-    sampler, sampler_id, holder = trained_sampler(service, local_server, seed=3)
+def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, placed: ServerProcess) -> None:
+    sampler, sampler_id, holder = trained_sampler(service, placed, seed=3)
     other = 1 - holder
     greedy = SamplingParams(max_tokens=4, temperature=0.0)
-    start = samplers(local_server)
+    start = samplers(placed)
     for _ in range(5):  # one at a time: never overloaded, always the replica holding the version
         sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, greedy).result()
-    after = samplers(local_server)
+    after = samplers(placed)
     assert after[holder]["requests"] - start[holder]["requests"] == 5
     assert after[other]["requests"] == start[other]["requests"] and sampler_id not in after[other]["adapters"]
 
-    # Eight at once, long enough that the holder has LOCAL_MAX_IN_FLIGHT in flight: the rest spill over
+    # Eight at once, long enough that the holder has SAMPLER_MAX_IN_FLIGHT in flight: the rest spill over
     # to the other replica, which loads the version once.
     long = SamplingParams(max_tokens=200, temperature=1.0, seed=1, stop=[])
     futures = [sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, long) for _ in range(8)]
     assert all(len(f.result(timeout=120).sequences[0].tokens) == 200 for f in futures)
-    spilled = samplers(local_server)
-    assert spilled[holder]["requests"] - after[holder]["requests"] >= LOCAL_MAX_IN_FLIGHT
+    spilled = samplers(placed)
+    assert spilled[holder]["requests"] - after[holder]["requests"] >= SAMPLER_MAX_IN_FLIGHT
     assert spilled[other]["requests"] - after[other]["requests"] >= 1
     assert spilled[other]["loads"] - after[other]["loads"] == 1 and sampler_id in spilled[other]["adapters"]
     assert sum(r["requests"] for r in spilled) - sum(r["requests"] for r in after) == 8
@@ -80,15 +90,17 @@ def test_affinity_then_spill_over_under_load(service: tinker.ServiceClient, loca
 
 
 def test_kill_9_of_a_sampler_worker_fails_fast_and_it_comes_back(
-    service: tinker.ServiceClient, local_server: ServerProcess
+    service: tinker.ServiceClient, placed: ServerProcess
 ) -> None:
-    sampler, sampler_id, holder = trained_sampler(service, local_server, seed=4)
+    sampler, sampler_id, holder = trained_sampler(service, placed, seed=4)
     other = 1 - holder
-    victim = samplers(local_server)[holder]
+    victim = samplers(placed)[holder]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    expected = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, greedy).result().sequences[0].tokens
     # Long enough to be in flight when the kill lands (EOS disabled by stop=[]).
     running = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, SamplingParams(max_tokens=1900, stop=[], seed=2))
     started = time.monotonic()
-    while samplers(local_server)[holder]["in_flight"] == 0:
+    while samplers(placed)[holder]["in_flight"] == 0:
         assert time.monotonic() - started < 30, "the request never reached its replica"
         time.sleep(0.02)
     assert not running.done()
@@ -98,19 +110,20 @@ def test_kill_9_of_a_sampler_worker_fails_fast_and_it_comes_back(
     with pytest.raises(tinker.RequestFailedError) as info:  # the client's error for a 5xx
         running.result(timeout=60)
     assert time.monotonic() - killed < 10  # detected at once, never a hang
-    named = f"sampler worker {victim['name']} (pid {victim['pid']}) died"
-    assert named in str(info.value) and "retryable" in str(info.value)
-    assert named in local_server.log.read_text()
+    # "sampler worker NAME (pid P) died", or "(Ray actor, pid P)" for an actor
+    named = re.escape(f"sampler worker {victim['name']} (") + r"(Ray actor, )?" + re.escape(f"pid {victim['pid']}) died")
+    assert re.search(named, str(info.value)) and "retryable" in str(info.value)
+    assert re.search(named, placed.log.read_text())
 
     # The next request goes to the other replica, which loads the version from its folder.
-    loads = samplers(local_server)[other]["loads"]
-    out = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, SamplingParams(max_tokens=4, temperature=0.0)).result()
-    assert len(out.sequences[0].tokens) == 4
-    now = samplers(local_server)
+    loads = samplers(placed)[other]["loads"]
+    out = sampler.sample(ModelInput.from_ints([0, 7, 9]), 1, greedy).result()
+    assert out.sequences[0].tokens == expected  # the same version, from its folder
+    now = samplers(placed)
     assert now[other]["loads"] == loads + 1 and sampler_id in now[other]["adapters"]
 
     # The dead replica restarts on its own (no request needed), under a new pid, holding nothing.
-    while not (back := samplers(local_server)[holder])["alive"]:
+    while not (back := samplers(placed)[holder])["alive"]:
         assert time.monotonic() - killed < 120, "the sampler worker did not come back within 120 s"
         time.sleep(0.2)
     assert back["restarts"] == victim["restarts"] + 1 and back["pid"] != victim["pid"]

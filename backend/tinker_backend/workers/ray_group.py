@@ -7,14 +7,14 @@ group's devices are CUDA: Ray then shows the actor its GPU as ``cuda:0``); the r
 ``torch.distributed`` group over TCP at rank 0's node address. An actor that dies makes its
 pending call raise ``RayActorError`` at once; the group then stops its other actors (they
 would wait forever in a collective) and raises ``WorkerDied`` naming the rank and its pid.
-Ray is imported only here (the optional extra ``.[ray]``).
+Ray is imported only by the ``ray_*`` modules (the optional extra ``.[ray]``); the server joins
+or starts Ray through ``ray_driver``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 from typing import Any
 
@@ -23,28 +23,6 @@ import ray
 from tinker_backend.workers.group import GroupSpec, WorkerDied, build_rank_engine, picklable_error, run_call
 
 logger = logging.getLogger("tinker_backend.workers")
-
-
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address``, or start a local Ray (no dashboard) when None."""
-    if ray.is_initialized():
-        return
-    if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-
-
-def cancel_abort_alarm() -> None:
-    """Cancel the abort that Ray's SIGTERM handler arms 3 s ahead (abseil's failure handler,
-    ray-project/ray#64830): stopping the groups and Ray itself takes longer than that."""
-    signal.alarm(0)
-
-
-def disconnect() -> None:
-    """Leave Ray (stopping the local Ray that ``connect`` started, if it did)."""
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 class _RankActor:

@@ -196,6 +196,8 @@ class SamplerPool:
             try:
                 process = self._start_process(replica)
             except Exception:
+                if self._closed:  # the pool closed while it started (Ray may be shut down already)
+                    return
                 logger.exception("%s did not start; trying again in %.0f s", replica.name, _RESTART_BACKOFF_S)
                 time.sleep(_RESTART_BACKOFF_S)
                 continue
