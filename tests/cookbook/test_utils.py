@@ -15,7 +15,8 @@ from tinker_cookbook.hyperparam_utils import get_lora_param_count, get_lr, load_
 from tinker_cookbook.recipes.math_rl.math_grading import extract_final_number, grade_answer
 from tinker_cookbook.renderers import get_renderer
 from tinker_cookbook.utils.ml_log import MetricsLogger
-from tinker_cookbook.utils.plotting import read_metrics
+from tinker_cookbook.utils.plotting import main as plot_main
+from tinker_cookbook.utils.plotting import panel_series, read_metrics
 
 from .conftest import SMOLLM2, TINY
 
@@ -98,3 +99,25 @@ def test_metrics_logger_writes_jsonl_config_table_and_plot(tmp_path, capsys):
     # Resuming at step 2 drops the rows of steps that will run again.
     MetricsLogger(tmp_path, resume_step=2).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+def test_panels_from_several_runs_and_their_command_line(tmp_path, capsys):
+    for stage, values in (("sft", [3.0, 2.5]), ("rl", [0.5, 0.6, 0.7])):
+        (tmp_path / stage).mkdir()
+        rows = [{"step": i, "loss": v, "other": "text"} for i, v in enumerate(values)]
+        (tmp_path / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft, rl = tmp_path / "sft" / "metrics.jsonl", tmp_path / "rl" / "metrics.jsonl"
+    # Panels keep their order; a key without numbers in a run is left out.
+    assert panel_series([(rl, "loss", "rl"), (sft, "loss", "sft"), (sft, "other", "sft"), (sft, "missing", "")]) == [
+        ("rl loss", [(0, 0.5), (1, 0.6), (2, 0.7)]),
+        ("sft loss", [(0, 3.0), (1, 2.5)]),
+    ]
+    out = tmp_path / "curves.png"
+    plot_main([str(out), f"sft={sft}:loss", f"{rl}:loss,missing"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        plot_main([str(out), str(sft)])
+    assert "panels: expected [LABEL=]METRICS_JSONL:KEY[,KEY...], got" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot_main([str(out), f"{sft}:missing"])
+    assert "panels: none of the keys has data" in capsys.readouterr().err
