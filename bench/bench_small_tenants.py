@@ -46,6 +46,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import _thread_cpu
 from _common import Server, temp_data_dir
 
 if TYPE_CHECKING:
@@ -258,6 +259,81 @@ def profile(model: str, runs: int, kind: str, steps: int) -> None:
     print(f"| (wall - compute thread: client, transport, event loop, thread hand-off) | {1000 * (wall - compute) / steps:.2f} |")
 
 
+# -- CPU time per thread ---------------------------------------------------------------------
+
+
+def thread_profile(
+    service: tinker.ServiceClient, server: Server | None, model: str, runs: int, kind: str, steps: int, repeat: int
+) -> dict[str, list[dict[str, float]]]:
+    """CPU ms per step of each thread group, merged vs one-run, ``repeat`` times in turn.
+
+    Embedded: the groups of this process. Server: those of the server process, and this
+    (client) process as a whole under ``client process (all threads)``.
+    """
+    import threading
+
+    ranks = ranks_of(kind, runs)
+    clients = [service.create_lora_training_client(model, rank=r, seed=i) for i, r in enumerate(ranks)]
+    batches = [batch(i) for i in range(runs)]
+    big = service.create_lora_training_client(model, rank=ONE_RUN_RANK, seed=1000)
+    modes: dict[str, Callable[[int], float]] = {
+        "merged": lambda n: pipelined(clients, batches, n),
+        "one": lambda n: pipelined([big], [[d for b in batches for d in b]], n),
+    }
+    pid = os.getpid() if server is None else server.proc.pid
+    out: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for run in modes.values():  # warm up
+        run(1)
+    for _ in range(repeat):
+        for mode, run in modes.items():
+            before, client_before = _thread_cpu.thread_cpu_ns(pid), time.process_time()
+            wall = time.perf_counter()
+            run(steps)
+            wall = time.perf_counter() - wall
+            after, client_cpu = _thread_cpu.thread_cpu_ns(pid), time.process_time() - client_before
+            if server is None:
+                names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+            else:
+                names = {tid: "server:MainThread" if name == "MainThread" else name
+                         for tid, name in server.thread_names().items()}
+            row = _thread_cpu.grouped_ms(before, after, names, steps)
+            row["total (this process)" if server is None else "total (server process)"] = sum(row.values())
+            if server is not None:
+                row["client process (all threads)"] = 1000 * client_cpu / steps
+            row["wall"] = 1000 * wall / steps
+            out[mode].append(row)
+    return out
+
+
+def report_threads(transport: str, runs: int, kind: str, t: dict[str, list[dict[str, float]]]) -> None:
+    """One table row per mode: median CPU ms per step of each thread group, and the wall time."""
+    groups = [g for g in t["merged"][0] if g != "wall"]
+    print(f"\nCPU ms per step by thread ({transport}, {runs} runs, {kind} ranks; medians of {len(t['merged'])}; "
+          f"load average {os.getloadavg()[0]:.2f})")
+    print(f"| mode | wall ms/step | {' | '.join(groups)} |\n|---|---|{'---|' * len(groups)}")
+    for mode, rows in t.items():
+        cells = [f"{statistics.median(r[g] for r in rows):.1f}" for g in groups]
+        print(f"| {mode} | {statistics.median(r['wall'] for r in rows):.1f} | {' | '.join(cells)} |", flush=True)
+
+
+def threads(args: argparse.Namespace) -> None:
+    """``--profile``'s CPU time per thread group, for each transport, run count and ranks."""
+    import tinker
+
+    for transport in args.transports:
+        for runs in args.runs:
+            for kind in args.ranks:
+                if transport == "embedded":
+                    service = tinker.ServiceClient(data_dir=temp_data_dir())
+                    t = thread_profile(service, None, args.model, runs, kind, args.steps, args.repeat)
+                else:
+                    with Server(named_threads=True) as server:
+                        service = tinker.ServiceClient(base_url=server.base_url)
+                        t = thread_profile(service, server, args.model, runs, kind, args.steps, args.repeat)
+                        service.close().result()
+                report_threads(transport, runs, kind, t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
@@ -309,6 +385,7 @@ def main() -> None:
                     report(transport, runs, kind, args.steps, t)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile or args.profile_only:
+        threads(args)
         for runs in args.runs:
             for kind in args.ranks:
                 profile(args.model, runs, kind, args.steps)
