@@ -129,10 +129,12 @@ def prepare_item(
 ) -> PreparedItem:
     """Check one request against the model and move its tensors to ``device``.
 
-    Raises ValueError naming the offending field, so that a bad request fails alone.
+    Raises ValueError naming the offending field, so that a bad request fails alone. An item
+    marked ``checked`` was validated before it joined the cycle and is not validated again.
     """
-    check_data_for_model(item.data, vocab_size, max_length)
-    check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
+    if not item.checked:
+        check_data_for_model(item.data, vocab_size, max_length)
+        check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
     config = resolve_loss_config(item.loss_fn, item.loss_fn_config)
     tokens = [datum.model_input.to_ints() for datum in item.data]
     inputs = [{name: td.to_torch().to(device) for name, td in datum.loss_fn_inputs.items()} for datum in item.data]
