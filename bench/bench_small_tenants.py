@@ -2,7 +2,7 @@
 
     python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed] [--repeat 3]
         [--transports embedded server] [--steps 24] [--no-serial] [--clock wall|process]
-        [--device cpu|cuda] [--profile]
+        [--device cpu|cuda] [--profile [--no-stages]] [--profile-only]
 
 Each run trains 2 sequences (40 and 20 tokens) with ``--steps`` pipelined ``forward_backward``
 + ``optim_step`` (step k+1 of every run is submitted before step k is awaited). Ranks are all
@@ -23,10 +23,15 @@ process instead of the wall clock: with one torch thread (``OMP_NUM_THREADS=1``)
 work done, which other processes on a shared machine inflate much less than the wall time.
 ``embedded`` is the in-process backend, ``server`` a ``tinker-server`` on loopback.
 
-``--profile`` (embedded only) adds where a merged cycle's time goes, per stage, in ms per
-cycle, timed with ``perf_counter`` around the stages in this process (on CUDA each timed stage
-ends with a ``synchronize``). The backend's compute thread runs alongside the client's loop,
-so stages need not add up to the wall time.
+``--profile`` adds two profiles. First, for each transport, the CPU time per step of each
+group of threads (the backend's compute thread, the event loop, the benchmark's own thread,
+other Python threads, native threads such as torch's workers), merged vs one-run, medians over
+``--repeat`` (``_thread_cpu.py``: ``/proc`` schedstat, so other processes' load inflates it much
+less than the wall clock); through a server, of the server process, plus the client process
+as a whole. Second (embedded only; ``--no-stages`` skips it), where a merged cycle's wall time
+goes, per stage, in ms per cycle, timed with ``perf_counter`` around the stages in this
+process (on CUDA each timed stage ends with a ``synchronize``). The backend's compute thread
+runs alongside the client's loop, so stages need not add up to the wall time.
 
 ``--device cuda`` runs the backend (embedded or server) on the GPU, ``--device cpu`` hides any
 GPU (``CUDA_VISIBLE_DEVICES=``); the default uses what the backend picks.
@@ -348,7 +353,9 @@ def main() -> None:
                         help="wall clock, or this process's CPU time (embedded only)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--profile", action="store_true", help="also the per-stage profile (embedded)")
-    parser.add_argument("--profile-only", action="store_true", help="only the per-stage profile")
+    parser.add_argument("--profile-only", action="store_true", help="only the profiles")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --profile: also the per-stage wall times (embedded)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat: expected >= 1, got {args.repeat}")
@@ -386,6 +393,7 @@ def main() -> None:
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile or args.profile_only:
         threads(args)
+    if (args.profile or args.profile_only) and args.stages and "embedded" in args.transports:
         for runs in args.runs:
             for kind in args.ranks:
                 profile(args.model, runs, kind, args.steps)

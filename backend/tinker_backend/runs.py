@@ -31,7 +31,7 @@ from tinker.types import (
 )
 from tinker.validation import InvalidInput, check_data_for_model, check_forward_backward, check_lora_rank
 from tinker_backend.checkpoint_index import as_checkpoint, save_answer
-from tinker_backend.engine.protocol import Engine, FwdBwdItem
+from tinker_backend.engine.protocol import CheckedFwdBwdItem, Engine
 from tinker_backend.errors import ServiceError, as_service_error
 from tinker_backend.scheduler import ModelScheduler, Work
 from tinker_backend.state import Shared
@@ -293,9 +293,8 @@ class Runs:
                 check_forward_backward(request.data, request.loss_fn, request.loss_fn_config)
                 engine = await scheduler.engine()
                 check_data_for_model(request.data, engine.vocab_size, engine.max_context_length)
-                return FwdBwdItem(
-                    run.run_id, request.data, request.loss_fn, request.loss_fn_config, not request.forward_only,
-                    checked=True,
+                return CheckedFwdBwdItem(
+                    run.run_id, request.data, request.loss_fn, request.loss_fn_config, not request.forward_only
                 )
             case wire.OptimStep():
                 params = request.adam_params

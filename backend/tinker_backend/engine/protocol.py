@@ -16,20 +16,22 @@ from tinker.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, S
 
 
 class FwdBwdItem(NamedTuple):
-    """One forward(_backward) request of one adapter; ``backward=False`` is a pure forward.
-
-    ``checked=True``: its data already passed ``check_forward_backward`` and
-    ``check_data_for_model`` against this engine's model (the request handler checks every
-    request before it joins a clock cycle), so the engine does not check it again on the
-    compute thread.
-    """
+    """One forward(_backward) request of one adapter; ``backward=False`` is a pure forward."""
 
     adapter_id: str
     data: list[Datum]
     loss_fn: str
     loss_fn_config: dict[str, float] | None = None
     backward: bool = True
-    checked: bool = False
+
+
+class CheckedFwdBwdItem(FwdBwdItem):
+    """A ``FwdBwdItem`` whose data already passed ``check_forward_backward`` and
+    ``check_data_for_model`` against the engine's model (the request handler checks every
+    request before it joins a clock cycle), so the engine does not check it again on the
+    compute thread."""
+
+    __slots__ = ()
 
 
 class StepSampler(Protocol):
