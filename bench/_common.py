@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -17,16 +18,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    """A ``tinker-server`` on a free loopback port, stopped on exit."""
+    """A ``tinker-server`` on a free loopback port, stopped on exit; ``thread_names()`` works
+    when it was started with ``named_threads=True``."""
 
-    def __init__(self) -> None:
+    def __init__(self, named_threads: bool = False) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._dir = tempfile.TemporaryDirectory()
+        self._names = Path(self._dir.name) / "thread-names.txt"
+        entry = [str(Path(__file__).with_name("_server_threads.py")), str(self._names)] if named_threads else [
+            "-m", "tinker_backend.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinker_backend.cli", "--port", str(self.port), "--data-dir", self._dir.name,
+            [sys.executable, *entry, "--port", str(self.port), "--data-dir", self._dir.name,
              "--log-level", "warning"],
         )
         deadline = time.monotonic() + 60
@@ -37,6 +42,18 @@ class Server:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("tinker-server did not start")
+
+    def thread_names(self) -> dict[int, str]:
+        """Native thread id -> Python thread name of each thread of the server, now."""
+        self._names.unlink(missing_ok=True)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not self._names.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("tinker-server did not write its thread names (named_threads=True?)")
+            time.sleep(0.05)
+        pairs = (line.split("\t", 1) for line in self._names.read_text().splitlines())
+        return {int(tid): name for tid, name in pairs}
 
     def __enter__(self) -> Server:
         return self

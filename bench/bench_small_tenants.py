@@ -2,7 +2,7 @@
 
     python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed] [--repeat 3]
         [--transports embedded server] [--steps 24] [--no-serial] [--clock wall|process]
-        [--device cpu|cuda] [--profile]
+        [--device cpu|cuda] [--profile [--no-stages]] [--profile-only]
 
 Each run trains 2 sequences (40 and 20 tokens) with ``--steps`` pipelined ``forward_backward``
 + ``optim_step`` (step k+1 of every run is submitted before step k is awaited). Ranks are all
@@ -23,10 +23,15 @@ process instead of the wall clock: with one torch thread (``OMP_NUM_THREADS=1``)
 work done, which other processes on a shared machine inflate much less than the wall time.
 ``embedded`` is the in-process backend, ``server`` a ``tinker-server`` on loopback.
 
-``--profile`` (embedded only) adds where a merged cycle's time goes, per stage, in ms per
-cycle, timed with ``perf_counter`` around the stages in this process (on CUDA each timed stage
-ends with a ``synchronize``). The backend's compute thread runs alongside the client's loop,
-so stages need not add up to the wall time.
+``--profile`` adds two profiles. First, for each transport, the CPU time per step of each
+group of threads (the backend's compute thread, the event loop, the benchmark's own thread,
+other Python threads, native threads such as torch's workers), merged vs one-run, medians over
+``--repeat`` (``_thread_cpu.py``: ``/proc`` schedstat, so other processes' load inflates it much
+less than the wall clock); through a server, of the server process, plus the client process
+as a whole. Second (embedded only; ``--no-stages`` skips it), where a merged cycle's wall time
+goes, per stage, in ms per cycle, timed with ``perf_counter`` around the stages in this
+process (on CUDA each timed stage ends with a ``synchronize``). The backend's compute thread
+runs alongside the client's loop, so stages need not add up to the wall time.
 
 ``--device cuda`` runs the backend (embedded or server) on the GPU, ``--device cpu`` hides any
 GPU (``CUDA_VISIBLE_DEVICES=``); the default uses what the backend picks.
@@ -46,6 +51,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import _thread_cpu
 from _common import Server, temp_data_dir
 
 if TYPE_CHECKING:
@@ -258,6 +264,81 @@ def profile(model: str, runs: int, kind: str, steps: int) -> None:
     print(f"| (wall - compute thread: client, transport, event loop, thread hand-off) | {1000 * (wall - compute) / steps:.2f} |")
 
 
+# -- CPU time per thread ---------------------------------------------------------------------
+
+
+def thread_profile(
+    service: tinker.ServiceClient, server: Server | None, model: str, runs: int, kind: str, steps: int, repeat: int
+) -> dict[str, list[dict[str, float]]]:
+    """CPU ms per step of each thread group, merged vs one-run, ``repeat`` times in turn.
+
+    Embedded: the groups of this process. Server: those of the server process, and this
+    (client) process as a whole under ``client process (all threads)``.
+    """
+    import threading
+
+    ranks = ranks_of(kind, runs)
+    clients = [service.create_lora_training_client(model, rank=r, seed=i) for i, r in enumerate(ranks)]
+    batches = [batch(i) for i in range(runs)]
+    big = service.create_lora_training_client(model, rank=ONE_RUN_RANK, seed=1000)
+    modes: dict[str, Callable[[int], float]] = {
+        "merged": lambda n: pipelined(clients, batches, n),
+        "one": lambda n: pipelined([big], [[d for b in batches for d in b]], n),
+    }
+    pid = os.getpid() if server is None else server.proc.pid
+    out: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for run in modes.values():  # warm up
+        run(1)
+    for _ in range(repeat):
+        for mode, run in modes.items():
+            before, client_before = _thread_cpu.thread_cpu_ns(pid), time.process_time()
+            wall = time.perf_counter()
+            run(steps)
+            wall = time.perf_counter() - wall
+            after, client_cpu = _thread_cpu.thread_cpu_ns(pid), time.process_time() - client_before
+            if server is None:
+                names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+            else:
+                names = {tid: "server:MainThread" if name == "MainThread" else name
+                         for tid, name in server.thread_names().items()}
+            row = _thread_cpu.grouped_ms(before, after, names, steps)
+            row["total (this process)" if server is None else "total (server process)"] = sum(row.values())
+            if server is not None:
+                row["client process (all threads)"] = 1000 * client_cpu / steps
+            row["wall"] = 1000 * wall / steps
+            out[mode].append(row)
+    return out
+
+
+def report_threads(transport: str, runs: int, kind: str, t: dict[str, list[dict[str, float]]]) -> None:
+    """One table row per mode: median CPU ms per step of each thread group, and the wall time."""
+    groups = [g for g in t["merged"][0] if g != "wall"]
+    print(f"\nCPU ms per step by thread ({transport}, {runs} runs, {kind} ranks; medians of {len(t['merged'])}; "
+          f"load average {os.getloadavg()[0]:.2f})")
+    print(f"| mode | wall ms/step | {' | '.join(groups)} |\n|---|---|{'---|' * len(groups)}")
+    for mode, rows in t.items():
+        cells = [f"{statistics.median(r[g] for r in rows):.1f}" for g in groups]
+        print(f"| {mode} | {statistics.median(r['wall'] for r in rows):.1f} | {' | '.join(cells)} |", flush=True)
+
+
+def threads(args: argparse.Namespace) -> None:
+    """``--profile``'s CPU time per thread group, for each transport, run count and ranks."""
+    import tinker
+
+    for transport in args.transports:
+        for runs in args.runs:
+            for kind in args.ranks:
+                if transport == "embedded":
+                    service = tinker.ServiceClient(data_dir=temp_data_dir())
+                    t = thread_profile(service, None, args.model, runs, kind, args.steps, args.repeat)
+                else:
+                    with Server(named_threads=True) as server:
+                        service = tinker.ServiceClient(base_url=server.base_url)
+                        t = thread_profile(service, server, args.model, runs, kind, args.steps, args.repeat)
+                        service.close().result()
+                report_threads(transport, runs, kind, t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
@@ -272,7 +353,9 @@ def main() -> None:
                         help="wall clock, or this process's CPU time (embedded only)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--profile", action="store_true", help="also the per-stage profile (embedded)")
-    parser.add_argument("--profile-only", action="store_true", help="only the per-stage profile")
+    parser.add_argument("--profile-only", action="store_true", help="only the profiles")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --profile: also the per-stage wall times (embedded)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat: expected >= 1, got {args.repeat}")
@@ -309,6 +392,8 @@ def main() -> None:
                     report(transport, runs, kind, args.steps, t)
         print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.profile or args.profile_only:
+        threads(args)
+    if (args.profile or args.profile_only) and args.stages and "embedded" in args.transports:
         for runs in args.runs:
             for kind in args.ranks:
                 profile(args.model, runs, kind, args.steps)

@@ -150,3 +150,13 @@ async def test_remove_run_fails_its_waiting_requests(engine_and_scheduler):
     assert not scheduler.has_run("r") and scheduler.run_count() == 0
     scheduler.remove_run("r", ServiceError(410, "twice"))  # an unknown run: nothing to do
     assert engine.calls == []
+
+
+async def test_a_loaded_engine_is_frozen_out_of_the_cyclic_gc_until_close():
+    import gc
+
+    scheduler = ModelScheduler("fake", RecordingEngine)
+    await scheduler.engine()
+    assert gc.get_freeze_count() > 0  # full collections no longer traverse what the load left
+    scheduler.close()
+    assert gc.get_freeze_count() == 0  # a dropped engine's cycles can be collected again

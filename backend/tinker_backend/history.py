@@ -10,6 +10,7 @@ are not counted. Lives on the event loop; the store bounds each run's rows (``ma
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,14 @@ class _Open:
 class RunHistory:
     """Collects each run's open step and writes it when its ``optim_step`` answers."""
 
-    def __init__(self, store: Store, max_points: int = MAX_POINTS_PER_RUN) -> None:
+    def __init__(
+        self, store: Store, max_points: int = MAX_POINTS_PER_RUN, write: Callable[[HistoryPoint], None] | None = None
+    ) -> None:
+        """``write`` stores a finished step (default: ``store.add_history`` at once; the server
+        passes ``WriteBatch.add_history``, which commits it with the answers of the same turn)."""
         self.store = store
         self.max_points = max_points
+        self._write = write or (lambda point: store.add_history(point, max_points))
         self._open: dict[str, _Open] = {}
         self._last: dict[str, tuple[int, int]] = {}  # run id -> (its last recorded step, tokens_total)
 
@@ -96,7 +102,7 @@ class RunHistory:
             cycle_seconds=step.cycle_seconds,
             sampled_tokens=step.sampled_tokens,
         )
-        self.store.add_history(point, self.max_points)
+        self._write(point)
         self._last[run_id] = (number, tokens_total)
 
 

@@ -43,7 +43,7 @@ from tinker.validation import InvalidInput
 from tinker_backend.checkpoint_index import CheckpointIndex, as_checkpoint
 from tinker_backend.engines import EnginePool
 from tinker_backend.errors import ServiceError, as_service_error
-from tinker_backend.history import RunHistory
+from tinker_backend.history import MAX_POINTS_PER_RUN, RunHistory
 from tinker_backend.limits import Limits
 from tinker_backend.metrics import ServerMetrics
 from tinker_backend.runs import Runs
@@ -53,6 +53,7 @@ from tinker_backend.state import Shared
 from tinker_backend.store import RunRecord, Store, iso_in
 from tinker_backend.tenancy import KeyLimits, Ledger, RateLimited
 from tinker_backend.workers.config import Deployment
+from tinker_backend.write_batch import WriteBatch
 
 logger = logging.getLogger("tinker_backend")
 
@@ -97,11 +98,13 @@ class RequestHandler:
         self.store = Store(self.data_dir / "tinker.sqlite3")
         self.ledger = Ledger(key_limits or KeyLimits(), session_timeout_s)
         self.checkpoints = CheckpointIndex(self.store, self.data_dir)
-        self.history = RunHistory(self.store)
+        self.writes = WriteBatch(self.store, MAX_POINTS_PER_RUN)
+        self.history = RunHistory(self.store, write=self.writes.add_history)
         self.metrics = ServerMetrics()
         self.metrics.watch(self)
         shared = Shared(
-            self.store, self.ledger, self.engines, self.checkpoints, self.limits, self.history, self.metrics
+            self.store, self.ledger, self.engines, self.checkpoints, self.limits, self.history, self.metrics,
+            self.writes,
         )
         self._load_lock = shared.load_lock  # one run or sampler loads or unloads at a time
         self.runs = Runs(shared)
@@ -361,6 +364,7 @@ class RequestHandler:
                 logger.exception("housekeeping sweep failed")
 
     def close(self) -> None:
+        self.writes.flush()
         self.checkpoints.close()
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -31,7 +31,7 @@ from tinker.types import (
 )
 from tinker.validation import InvalidInput, check_data_for_model, check_forward_backward, check_lora_rank
 from tinker_backend.checkpoint_index import as_checkpoint, save_answer
-from tinker_backend.engine.protocol import Engine, FwdBwdItem
+from tinker_backend.engine.protocol import CheckedFwdBwdItem, Engine
 from tinker_backend.errors import ServiceError, as_service_error
 from tinker_backend.scheduler import ModelScheduler, Work
 from tinker_backend.state import Shared
@@ -49,7 +49,7 @@ class Runs:
     def __init__(self, shared: Shared) -> None:
         self.store, self.ledger, self.engines = shared.store, shared.ledger, shared.engines
         self.checkpoints, self.limits = shared.checkpoints, shared.limits
-        self.history, self.metrics = shared.history, shared.metrics
+        self.history, self.metrics, self.writes = shared.history, shared.metrics, shared.writes
         self._load_lock = shared.load_lock  # one load, unload or create at a time (with samplers)
         self._loaded: dict[str, RunRecord] = {}  # run id -> record, for runs in an engine
         self._restored_floor: dict[str, int] = {}  # run id -> its seq_ids up to this ran before a reload
@@ -239,10 +239,10 @@ class Runs:
         except BaseException as e:
             # A ServiceError means it changed nothing: refused, or failed before it ran (its
             # session expired while it waited, say), so a reload must not refuse the run for it.
-            self._answered(run, request.seq_id, mutating and not isinstance(e, ServiceError))
+            await self._answered(run, request.seq_id, mutating and not isinstance(e, ServiceError))
             raise
-        self._answered(run, request.seq_id, mutating)
-        self.history.answered(run.run_id, request, result, arrived)
+        self.history.answered(run.run_id, request, result, arrived)  # its row commits with the answer
+        await self._answered(run, request.seq_id, mutating)
         self.metrics.answered(run.base_model, request, result)
         return result
 
@@ -262,22 +262,27 @@ class Runs:
         self.ledger.accept_seq(run.run_id, request.seq_id)
         with contextlib.suppress(Exception):  # its own failure, or that of the request that came first
             await asyncio.shield(future)
-        self._answered(run, request.seq_id, mutating=False)
+        await self._answered(run, request.seq_id, mutating=False)
         return wire.Empty()
 
     async def _order_of(self, request: wire.TrainingRequest, owner: str) -> tuple[RunRecord, ModelScheduler, bool]:
         """The request's run, loaded, and its scheduler; and whether its ``seq_id`` ran before
         the run was last reloaded (its answer is gone, but for a save's)."""
-        run = self.get(request.model_id, owner)
+        run = self._loaded.get(request.model_id)  # a loaded run's record: no store read per request
+        if run is None or run.owner != owner:
+            run = self.get(request.model_id, owner)
+        else:
+            self.ledger.touch(run.session_id)
         if request.seq_id < 1:
             raise ServiceError(400, f"seq_id: expected an int >= 1, got {request.seq_id}")
         scheduler = await self.engines.scheduler(run.base_model)
         await self._ensure_loaded(run, scheduler)
         return run, scheduler, request.seq_id <= self._restored_floor.get(run.run_id, 0)
 
-    def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
-        """Record, before the answer leaves, what a reload must not lose (see the store's doc)."""
-        self.store.record_answer(run.run_id, seq_id, mutating)
+    async def _answered(self, run: RunRecord, seq_id: int, mutating: bool) -> None:
+        """Record, before the answer leaves, what a reload must not lose (see the store's doc);
+        committed with the other answers of this event-loop turn (``WriteBatch``)."""
+        await self.writes.record_answer(run.run_id, seq_id, mutating)
         self.ledger.touch(run.session_id)  # a session busy with long work is not idle
 
     async def training_work(self, request: Any, run: RunRecord, owner: str, scheduler: ModelScheduler) -> Work:
@@ -288,7 +293,7 @@ class Runs:
                 check_forward_backward(request.data, request.loss_fn, request.loss_fn_config)
                 engine = await scheduler.engine()
                 check_data_for_model(request.data, engine.vocab_size, engine.max_context_length)
-                return FwdBwdItem(
+                return CheckedFwdBwdItem(
                     run.run_id, request.data, request.loss_fn, request.loss_fn_config, not request.forward_only
                 )
             case wire.OptimStep():

@@ -12,12 +12,13 @@ from tinker_backend.limits import Limits
 from tinker_backend.metrics import ServerMetrics
 from tinker_backend.store import Store
 from tinker_backend.tenancy import Ledger
+from tinker_backend.write_batch import WriteBatch
 
 
 @dataclass
 class Shared:
-    """The store, the ledger, the engines, the checkpoint index, the limits, the per-run history
-    and the metrics, and the lock
+    """The store, the ledger, the engines, the checkpoint index, the limits, the per-run history,
+    the metrics, the batched store writes of answers, and the lock
     under which runs and samplers load and unload (one at a time, across both modules)."""
 
     store: Store
@@ -27,4 +28,5 @@ class Shared:
     limits: Limits
     history: RunHistory
     metrics: ServerMetrics
+    writes: WriteBatch
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

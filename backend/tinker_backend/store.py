@@ -109,6 +109,13 @@ _ADDED_COLUMNS = {
     "checkpoints": {"seq_id": "INTEGER NOT NULL DEFAULT 0", "published": "INTEGER NOT NULL DEFAULT 0"},
 }
 
+# (last_request_time, seq_id, mutating, seq_id, run_id): an answer about to leave (record_answer).
+_RECORD_ANSWER = (
+    "UPDATE runs SET last_request_time = ?, last_seq = MAX(last_seq, ?),"
+    " last_mutation_seq = CASE WHEN ? THEN MAX(last_mutation_seq, ?) ELSE last_mutation_seq END"
+    " WHERE run_id = ?"
+)
+
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
@@ -331,28 +338,43 @@ class Store:
 
     def record_answer(self, run_id: str, seq_id: int, mutating: bool) -> None:
         """Note that the answer of ``seq_id`` is about to leave the server (see the module doc)."""
-        self._execute(
-            "UPDATE runs SET last_request_time = ?, last_seq = MAX(last_seq, ?),"
-            " last_mutation_seq = CASE WHEN ? THEN MAX(last_mutation_seq, ?) ELSE last_mutation_seq END"
-            " WHERE run_id = ?",
-            (now_iso(), seq_id, int(mutating), seq_id, run_id),
-        )
+        self._execute(_RECORD_ANSWER, (now_iso(), seq_id, int(mutating), seq_id, run_id))
+
+    def write_answers(self, answers: list[tuple[str, int, bool]], points: list[HistoryPoint], max_points: int) -> None:
+        """``record_answer`` for each (run_id, seq_id, mutating) and ``add_history`` for each
+        point, in ONE transaction (one commit for a whole clock cycle's answers)."""
+        now = now_iso()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    _RECORD_ANSWER, [(now, seq, int(mutating), seq, run_id) for run_id, seq, mutating in answers]
+                )
+                for point in points:
+                    self._insert_history(point, max_points)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # --- per-run history ---
 
     def add_history(self, point: HistoryPoint, max_points: int) -> None:
         """Record one step; past ``max_points`` rows the run's older rows are thinned to every
         other one (the newest kept), so a long run keeps its whole curve at a coarser grain."""
-        fields = msgspec.structs.astuple(point)
         with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO run_history VALUES ({', '.join('?' * len(fields))})", fields)
-            count = self._db.execute("SELECT COUNT(*) FROM run_history WHERE run_id = ?", (point.run_id,)).fetchone()[0]
-            if count > max_points:
-                steps = [r[0] for r in self._db.execute(
-                    "SELECT step FROM run_history WHERE run_id = ? ORDER BY step DESC", (point.run_id,)
-                )]
-                drop = [(point.run_id, step) for step in steps[1::2]]
-                self._db.executemany("DELETE FROM run_history WHERE run_id = ? AND step = ?", drop)
+            self._insert_history(point, max_points)
+
+    def _insert_history(self, point: HistoryPoint, max_points: int) -> None:
+        fields = msgspec.structs.astuple(point)
+        self._db.execute(f"INSERT OR REPLACE INTO run_history VALUES ({', '.join('?' * len(fields))})", fields)
+        count = self._db.execute("SELECT COUNT(*) FROM run_history WHERE run_id = ?", (point.run_id,)).fetchone()[0]
+        if count > max_points:
+            steps = [r[0] for r in self._db.execute(
+                "SELECT step FROM run_history WHERE run_id = ? ORDER BY step DESC", (point.run_id,)
+            )]
+            drop = [(point.run_id, step) for step in steps[1::2]]
+            self._db.executemany("DELETE FROM run_history WHERE run_id = ? AND step = ?", drop)
 
     def history(self, run_id: str, after_step: int = 0) -> list[HistoryPoint]:
         """The run's recorded steps after ``after_step``, oldest first."""

@@ -25,6 +25,15 @@ class FwdBwdItem(NamedTuple):
     backward: bool = True
 
 
+class CheckedFwdBwdItem(FwdBwdItem):
+    """A ``FwdBwdItem`` whose data already passed ``check_forward_backward`` and
+    ``check_data_for_model`` against the engine's model (the request handler checks every
+    request before it joins a clock cycle), so the engine does not check it again on the
+    compute thread."""
+
+    __slots__ = ()
+
+
 class StepSampler(Protocol):
     """The engine's sampler as the scheduler drives it: stepped between clock cycles."""
 

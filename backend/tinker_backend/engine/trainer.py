@@ -20,7 +20,7 @@ from tinker.validation import check_data_for_model, check_forward_backward, reso
 from .lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
 from .losses import datum_loss
 from .optimizer import FlatState, adamw_steps, flat_gradients
-from .protocol import FwdBwdItem
+from .protocol import CheckedFwdBwdItem, FwdBwdItem
 
 __all__ = [
     "FwdBwdItem", "PreparedItem", "TrainableAdapter", "adamw_steps", "forward_backward_batch", "prepare_item"
@@ -129,10 +129,12 @@ def prepare_item(
 ) -> PreparedItem:
     """Check one request against the model and move its tensors to ``device``.
 
-    Raises ValueError naming the offending field, so that a bad request fails alone.
+    Raises ValueError naming the offending field, so that a bad request fails alone. A
+    ``CheckedFwdBwdItem`` was validated before it joined the cycle and is not validated again.
     """
-    check_data_for_model(item.data, vocab_size, max_length)
-    check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
+    if not isinstance(item, CheckedFwdBwdItem):
+        check_data_for_model(item.data, vocab_size, max_length)
+        check_forward_backward(item.data, item.loss_fn, item.loss_fn_config)
     config = resolve_loss_config(item.loss_fn, item.loss_fn_config)
     tokens = [datum.model_input.to_ints() for datum in item.data]
     inputs = [{name: td.to_torch().to(device) for name, td in datum.loss_fn_inputs.items()} for datum in item.data]
