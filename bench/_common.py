@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -18,10 +20,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    """A ``tinker-server`` on a free loopback port, stopped on exit; ``thread_names()`` works
-    when it was started with ``named_threads=True``."""
+    """A ``tinker-server`` on a free loopback port, stopped on exit; ``flags`` are added to its
+    command line (placement, ``--models``, ...); ``thread_names()`` works when it was started
+    with ``named_threads=True``."""
 
-    def __init__(self, named_threads: bool = False) -> None:
+    def __init__(self, *flags: str, named_threads: bool = False, start_timeout_s: float = 60) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -31,17 +34,23 @@ class Server:
         entry = [str(Path(__file__).with_name("_server_threads.py")), str(self._names)] if named_threads else [
             "-m", "tinker_backend.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, *entry, "--port", str(self.port), "--data-dir", self._dir.name,
-             "--log-level", "warning"],
+            [sys.executable, *entry, "--port", str(self.port), "--data-dir", str(Path(self._dir.name) / "data"),
+             "--log-level", "warning", *flags],
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
             try:
                 urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=1).close()
                 return
             except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("tinker-server did not start") from None
                 time.sleep(0.1)
-        raise RuntimeError("tinker-server did not start")
+
+    def healthz(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=5) as response:
+            return json.loads(response.read())
 
     def thread_names(self) -> dict[int, str]:
         """Native thread id -> Python thread name of each thread of the server, now."""
@@ -59,8 +68,12 @@ class Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
         self._dir.cleanup()
 
 

@@ -27,51 +27,19 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _common import Server
 
 from tinker_cookbook.recipes.math_rl.envs import MathDatasetBuilder
 from tinker_cookbook.rl import train
 
 TICK_S = 0.05
-
-
-class Server:
-    """A ``tinker-server`` subprocess with the given placement flags, stopped on exit."""
-
-    def __init__(self, root: Path, *flags: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinker_backend.cli", "--port", str(port), "--data-dir", str(root / "data"),
-             "--log-level", "warning", *flags])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("tinker-server did not start") from None
-                time.sleep(0.1)
-
-    def workers(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=5) as response:
-            return json.loads(response.read()).get("workers", {})
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
 
 
 def running(pid: int) -> bool:
@@ -129,13 +97,13 @@ def run(args: argparse.Namespace, placement: str, root: Path) -> dict[str, Any]:
         models = root / "models.toml"
         models.write_text(f'[models."{args.model}"]\ntrainer_ranks = 1\nsampler_replicas = 1\n')
         flags += ["--models", str(models)]
-    server = Server(root, *flags)
+    server = Server(*flags, start_timeout_s=120)
     probe: BusyProbe | None = None
     try:
         # One step first: the model (and the workers) load on first use, outside the measurement.
         asyncio.run(train.main(dataclasses.replace(config(args, server.base_url, root / "warm"), max_steps=1)))
         if placement != "inprocess":
-            workers = server.workers()[args.model]
+            workers = server.healthz()["workers"][args.model]
             probe = BusyProbe({"trainer": workers["pids"], "sampler": [s["pid"] for s in workers["samplers"]]})
         started = time.perf_counter()
         asyncio.run(train.main(config(args, server.base_url, root / "log")))

@@ -20,51 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _common import Server
 
 import tinker
 from tinker import AdamParams, Datum, ModelInput, SamplingParams
 
 
-class Server:
-    """A ``tinker-server --workers local`` subprocess whose model samples with ``kind``."""
-
-    def __init__(self, root: Path, model: str, kind: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        models = root / "models.toml"
-        models.write_text(f'[models."{model}"]\nsampler = "{kind}"\nsampler_replicas = 1\n')
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinker_backend.cli", "--port", str(port), "--data-dir", str(root / "data"),
-             "--log-level", "warning", "--workers", "local", "--models", str(models)])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("tinker-server did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-
-
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-vllm-worker-{kind}-") as root:
-        server = Server(Path(root), args.model, kind)
+        models = Path(root) / "models.toml"
+        models.write_text(f'[models."{args.model}"]\nsampler = "{kind}"\nsampler_replicas = 1\n')
+        server = Server("--workers", "local", "--models", str(models), start_timeout_s=120)
         service = tinker.ServiceClient(base_url=server.base_url)
         try:
             started = time.perf_counter()
