@@ -1,4 +1,4 @@
-"""Rank buckets and the flat AdamW, on and off, cycle by cycle in ONE process (engine called directly).
+"""Rank groups and the flat AdamW, cycle by cycle in ONE process (engine called directly).
 
     PYTHONPATH=src:backend python bench/bench_rank_buckets.py [--runs 32] [--ranks mixed] [--cycles 20]
 
@@ -6,10 +6,11 @@ N runs of 2 sequences (40 and 20 tokens, as ``bench_small_tenants.py``), ranks a
 4/8/16/32, one merged ``forward_backward_many`` + joint ``optim_step`` per cycle. The variants
 take turns cycle by cycle, so that load from other processes hits all of them alike:
 
-  old       one bucket (every adapter zero-padded to the batch's largest rank) and AdamW per tensor
-  buckets   rank buckets, AdamW per tensor
-  new       rank buckets and the flat AdamW (this code)
-  one-run   ONE rank-8 run training all 2N sequences as one batch
+  one-group   one rank group per layer (every adapter zero-padded to the batch's largest rank)
+  buckets     each rank bucket its own group (two bmm per bucket and layer)
+  per-tensor  the default groups (by cost, ``LoraRouting.groups``) and AdamW per tensor
+  default     the default groups and the flat AdamW (this code)
+  one-run     ONE rank-8 run training all 2N sequences as one batch
 
 It prints the median (and min) ms per cycle of each and ``variant / one-run`` of the medians,
 by the wall clock and by this process's CPU time (with ``OMP_NUM_THREADS=1`` the work done,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,29 +33,29 @@ import torch
 from bench_small_tenants import batch, ranks_of
 
 from tinker.types import AdamParams, LoraConfig
-from tinker_backend.engine import lora, model_engine, optimizer, trainer
+from tinker_backend.engine import model_engine, optimizer, trainer
 from tinker_backend.engine.model_engine import ModelEngine
 from tinker_backend.engine.protocol import FwdBwdItem
 from tinker_backend.model_registry import resolve_model
 
 
 @contextlib.contextmanager
-def variant(engine: ModelEngine, buckets: bool, flat: bool) -> Iterator[None]:
-    """The code with rank buckets and/or the flat AdamW switched off (patched for the block).
+def variant(engine: ModelEngine, group_cost_flops: float | None, flat: bool) -> Iterator[None]:
+    """The code with the rank groups fixed and/or the flat AdamW switched off (for the block).
 
     The per-tensor AdamW updates the flat views in place and every tensor steps, so the flat
-    buffers stay valid: they are kept for the next ``new`` cycle instead of built again."""
-    saved = lora.rank_bucket, trainer.rank_bucket, optimizer._flat_state, trainer.flat_gradients
+    buffers stay valid: they are kept for the next flat cycle instead of built again."""
+    saved = optimizer._flat_state, trainer.flat_gradients
     flat_states = {} if flat else {adapter: adapter.flat_state for adapter in engine._adapters.resident()}
-    if not buckets:
-        lora.rank_bucket = trainer.rank_bucket = lambda rank: 1 << 30
+    engine.routing.group_cost_flops = group_cost_flops
     if not flat:
         optimizer._flat_state = lambda adapter, params: None
         trainer.flat_gradients = lambda adapter: None
     try:
         yield
     finally:
-        lora.rank_bucket, trainer.rank_bucket, optimizer._flat_state, trainer.flat_gradients = saved
+        engine.routing.group_cost_flops = None
+        optimizer._flat_state, trainer.flat_gradients = saved
         for adapter, state in flat_states.items():
             adapter.flat_state = state
 
@@ -81,8 +83,10 @@ def main() -> None:
     merged = [FwdBwdItem(n, data[n], "cross_entropy", None, True) for n in names]
     one = [FwdBwdItem("one", [d for n in names for d in data[n]], "cross_entropy", None, True)]
     variants: dict[str, Callable[[], None]] = {}
-    for label, buckets, flat in (("old", False, False), ("buckets", True, False), ("new", True, True)):
-        variants[label] = functools.partial(_run, engine, buckets, flat, lambda: cycle(merged))
+    for label, group_cost_flops, flat in (
+        ("one-group", math.inf, True), ("buckets", 0.0, True), ("per-tensor", None, False), ("default", None, True)
+    ):
+        variants[label] = functools.partial(_run, engine, group_cost_flops, flat, lambda: cycle(merged))
     variants["one-run"] = lambda: cycle(one)
     adamw_seconds = [0.0]
     adamw_steps = model_engine.adamw_steps
@@ -117,8 +121,8 @@ def main() -> None:
               f"{1000 * statistics.median(adamw[label]):.1f} ({1000 * min(adamw[label]):.1f}) |")
 
 
-def _run(engine: ModelEngine, buckets: bool, flat: bool, fn: Callable[[], None]) -> None:
-    with variant(engine, buckets, flat):
+def _run(engine: ModelEngine, group_cost_flops: float | None, flat: bool, fn: Callable[[], None]) -> None:
+    with variant(engine, group_cost_flops, flat):
         fn()
 
 

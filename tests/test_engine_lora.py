@@ -9,6 +9,7 @@ math against an independent implementation (peft) through the saved PEFT files.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -17,7 +18,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
-from tinker_backend.engine.lora import LoraLinear, LoraRouting, LoraWeights, Segment, rank_bucket
+from tinker_backend.engine.lora import (
+    LoraLinear,
+    LoraRouting,
+    LoraWeights,
+    Segment,
+    cheapest_groups,
+    rank_bucket,
+)
 from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
 from tinker_backend.model_registry import resolve_model
 
@@ -219,11 +227,20 @@ def test_rank_buckets_are_powers_of_two():
     ]
 
 
-def test_each_rank_bucket_gets_its_own_bmm_without_padding_to_the_largest_rank():
-    """Ranks 4/8/16/32 (interleaved, uneven rows, a no-grad segment) in one batch: one block
-    shape per bucket, values and gradients equal the per-segment loop."""
+@pytest.mark.parametrize(
+    ("group_cost_flops", "second_bmm_ranks"),
+    [
+        (0.0, [4, 8, 16, 32]),  # every bucket its own group: nothing padded to 32 but rank 32
+        (math.inf, [32]),  # one group: everyone padded to the largest rank
+        (None, [32]),  # the CPU default at these tiny sizes: padding is cheaper than more ops
+    ],
+)
+def test_rank_groups_give_the_per_segment_loop_values_and_gradients(group_cost_flops, second_bmm_ranks):
+    """Ranks 4/8/16/32 (interleaved, uneven rows, a no-grad segment) in one batch, with the
+    buckets in their own groups or in one: one bmm shape per group, and values and gradients
+    equal the per-segment loop."""
     torch.manual_seed(0)
-    routing = LoraRouting()
+    routing = LoraRouting(group_cost_flops)
     layer = LoraLinear(torch.nn.Linear(16, 12), routing, "mlp")
     for rank in (4, 8, 16, 32, 3):
         layer.adapters[f"r{rank}"] = LoraWeights(
@@ -251,9 +268,9 @@ def test_each_rank_bucket_gets_its_own_bmm_without_padding_to_the_largest_rank()
         x.grad = None
         for w in layer.adapters.values():
             w.A.grad = w.B.grad = None
-    # Buckets 4 (ranks 3 and 4, padded to 4), 8, 16 and 32: the second bmm of each has B.T of
-    # [blocks, bucket rank, out]; nothing is padded to 32 but the rank-32 adapter itself.
-    assert sorted(shape[1] for shape in seen if shape[-1] == 12) == [4, 8, 16, 32]
+    # The second bmm of each group has B.T of [blocks, the group's largest rank, out]; bucket 4
+    # holds ranks 3 and 4.
+    assert sorted(shape[1] for shape in seen if shape[-1] == 12) == second_bmm_ranks
     (batched, batched_dx, batched_grads), (looped, looped_dx, looped_grads) = results
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)  # fp32, other summation order
     torch.testing.assert_close(batched_dx, looped_dx, rtol=1e-5, atol=1e-5)
@@ -261,9 +278,37 @@ def test_each_rank_bucket_gets_its_own_bmm_without_padding_to_the_largest_rank()
         torch.testing.assert_close(batched_grads[name], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_rank_buckets_in_one_merged_pass_equal_each_run_alone(engine):
-    """Ranks 4, 8, 16 and 32 (out of bucket order) in ONE forward_backward_many: each
-    run's loss, logprobs and gradients equal its run alone (fp32, rtol 1e-5)."""
+def test_cheapest_groups_weighs_padding_against_the_cost_of_a_group():
+    # Buckets of ranks 4, 8, 32 with 3, 1 and 1 blocks; 1 FLOP per block and rank unit.
+    blocks, ranks = (3, 1, 1), (4, 8, 32)
+    assert cheapest_groups(blocks, ranks, 1.0, 0.0) == (3, 1, 1)
+    assert cheapest_groups(blocks, ranks, 1.0, math.inf) == (5,)
+    # Cost with c per group: one group 5*32 + c, (4, 8 | 32) 4*8 + 32 + 2c,
+    # (4 | 8, 32) 3*4 + 2*32 + 2c, each alone 3*4 + 8 + 32 + 3c.
+    assert cheapest_groups(blocks, ranks, 1.0, 10.0) == (3, 1, 1)  # 170, 84, 96, 82
+    assert cheapest_groups(blocks, ranks, 1.0, 50.0) == (4, 1)  # 210, 164, 176, 202
+    assert cheapest_groups(blocks, ranks, 1.0, 200.0) == (5,)  # 360, 464, 476, 652
+    assert cheapest_groups((2,), (16,), 1.0, 0.0) == (2,)
+
+
+def test_default_group_cost_splits_where_padding_dominates():
+    """The CPU default keeps one group at small-tenant sizes and splits for long batches of a
+    wide layer, where padding rank 4 to rank 32 is gigaFLOPs."""
+    routing = LoraRouting()
+    routing.set([("a", 0, 2), ("b", 2, 4)])
+    cpu = torch.device("cpu")
+    plan = routing.plan((0, 1), (8.0, 1.0), (4, 32), torch.float32, cpu)
+    assert plan.bucket_blocks == (1, 1) and plan.bucket_ranks == (4, 32)
+    assert routing.groups(plan, tokens_per_row=40, width=640, device=cpu) == (2,)
+    assert routing.groups(plan, tokens_per_row=8192, width=2 * 4096 + 14336, device=cpu) == (1, 1)
+
+
+@pytest.mark.parametrize("group_cost_flops", [0.0, None], ids=["bucket-groups", "default-groups"])
+def test_mixed_rank_buckets_in_one_merged_pass_equal_each_run_alone(engine, group_cost_flops):
+    """Ranks 4, 8, 16 and 32 (out of bucket order) in ONE forward_backward_many, each rank
+    bucket in its own group or the default (one group here): each run's loss, logprobs and
+    gradients equal its run alone (fp32, rtol 1e-5)."""
+    engine.routing.group_cost_flops = group_cost_flops
     names = [f"rank{rank}" for rank in (32, 4, 16, 8)]  # key order (16, 32, 4, 8) is not bucket order
     for seed, name in enumerate(names):
         engine.create_adapter(name, LoraConfig(rank=int(name[4:]), seed=seed))
@@ -288,6 +333,7 @@ def test_mixed_rank_buckets_in_one_merged_pass_equal_each_run_alone(engine):
             for g, e in zip(grads(engine, item.adapter_id), expected_grads, strict=True):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
     finally:
+        engine.routing.group_cost_flops = None
         for name in names:
             engine.remove_adapter(name)
 

@@ -14,7 +14,6 @@ the rank, so users can change the rank without re-tuning.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -32,7 +31,9 @@ __all__ = [
     "LoraRouting",
     "LoraWeights",
     "Segment",
+    "GROUP_COST_FLOPS",
     "attach_lora_layers",
+    "cheapest_groups",
     "init_lora_weights",
     "rank_bucket",
     "target_paths",
@@ -62,35 +63,73 @@ class Segment(NamedTuple):
 def rank_bucket(rank: int) -> int:
     """The bucket of a LoRA rank: the smallest power of two >= ``rank``.
 
-    Adapters of one bucket share two ``bmm`` (zero-padded to the bucket's largest rank), so no
-    adapter is padded to more than twice its rank, whatever the other ranks in the batch.
+    Adapters of one bucket are always computed together, zero-padded to the bucket's largest
+    rank, so within a bucket no adapter is padded to more than twice its rank. Neighbouring
+    buckets are joined where that costs less (``LoraRouting.groups``).
     """
     return 1 << max(rank - 1, 0).bit_length()
+
+
+# The cost of one more rank group in a layer (forward and backward), in padded FLOPs. On CPU,
+# padding a small rank costs far less than its FLOPs: a rank-4 bmm runs at a fraction of a
+# rank-32's rate, and splitting never paid in docs/benchmarks.md (issue 12), up to 1.3 GFLOPs
+# saved per layer. On CUDA: ~10 more kernel launches (~50 us) at ~100 TFLOP/s; not measured.
+GROUP_COST_FLOPS = {"cpu": 2e9, "cuda": 5e9}
 
 
 class _Plan(NamedTuple):
     """How one layer's batched delta lays out the rows of its adapters (see ``LoraLinear``).
 
     The adapters' rows are cut into ``len(blocks)`` blocks of ``length`` rows each (a segment
-    longer than ``length`` gives several blocks, a shorter one is padded), grouped by the rank
-    bucket of their adapter, so that two ``bmm`` per bucket compute every block's delta.
+    longer than ``length`` gives several blocks, a shorter one is padded), sorted by the rank
+    bucket of their adapter. ``bucket_blocks`` and ``bucket_ranks`` are the number of blocks and
+    the largest rank of each bucket, in that order: a layer computes contiguous runs of buckets
+    as one group (see ``LoraRouting.groups``), with two ``bmm`` per group.
     """
 
     blocks: tuple[int, ...]  # the segment (its index in the routing) of each block, by bucket
-    buckets: tuple[int, ...]  # how many blocks each rank bucket has, in the order of ``blocks``
+    bucket_blocks: tuple[int, ...]
+    bucket_ranks: tuple[int, ...]
     length: int
     row_index: torch.Tensor | None  # [blocks * length] batch row of each block row; None: rows 0..n in order
     mask: torch.Tensor | None  # [blocks * length] 1 for a real row, 0 for padding; None: no padding
     scale: torch.Tensor  # [blocks, 1, 1] the scaling of each block's adapter
 
 
+def cheapest_groups(
+    bucket_blocks: tuple[int, ...], bucket_ranks: tuple[int, ...], block_flops: float, group_cost: float
+) -> tuple[int, ...]:
+    """Blocks per group when the buckets (ascending ranks) are cut into contiguous groups.
+
+    A group pads every block to its largest rank and costs ``block_flops`` per block and rank
+    unit plus ``group_cost``; the cut minimises the total (exactly: at most a few buckets).
+    """
+    n = len(bucket_blocks)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for stop in range(1, n + 1):
+        for start in range(stop):
+            cost = best[start] + group_cost + sum(bucket_blocks[start:stop]) * bucket_ranks[stop - 1] * block_flops
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    sizes, stop = [], n
+    while stop:
+        sizes.append(sum(bucket_blocks[cut[stop] : stop]))
+        stop = cut[stop]
+    return tuple(reversed(sizes))
+
+
 class LoraRouting:
     """Which rows of the next forward pass use which adapter; shared by all ``LoraLinear``s."""
 
-    def __init__(self) -> None:
+    def __init__(self, group_cost_flops: float | None = None) -> None:
+        """``group_cost_flops``: the cost of one more rank group (see ``groups``); None: the
+        device's entry of ``GROUP_COST_FLOPS``. 0 gives every rank bucket its own group, ``inf``
+        one group for all."""
         self.segments: tuple[Segment, ...] = ()
         self.num_rows = 0
+        self.group_cost_flops = group_cost_flops
         self._plans: dict[tuple, _Plan] = {}  # layers with the same adapters share a plan
+        self._groups: dict[tuple, tuple[int, ...]] = {}
 
     def set(self, segments: Iterable[Segment | tuple]) -> None:
         """Route the next forward passes; segments must tile ``[0, num_rows)`` in order."""
@@ -105,6 +144,7 @@ class LoraRouting:
         self.segments = parsed
         self.num_rows = pos
         self._plans = {}
+        self._groups = {}
 
     def plan(
         self,
@@ -122,6 +162,23 @@ class LoraRouting:
             plan = self._plans[key] = self._make_plan(active, scalings, ranks, dtype, device)
         return plan
 
+    def groups(self, plan: _Plan, tokens_per_row: int, width: int, device: torch.device) -> tuple[int, ...]:
+        """Blocks per group of ``plan`` in a layer of ``width`` = in + out features, cached.
+
+        One group pads its adapters to its largest rank (more FLOPs); each more group costs a
+        few more small ops. A block's LoRA FLOPs per rank unit, forward and backward, are
+        ``6 * rows * tokens * width``; ``cheapest_groups`` weighs them against the group cost.
+        """
+        key = (plan.bucket_blocks, plan.bucket_ranks, plan.length * tokens_per_row, width, device.type)
+        groups = self._groups.get(key)
+        if groups is None:
+            cost = self.group_cost_flops
+            if cost is None:
+                cost = GROUP_COST_FLOPS.get(device.type, GROUP_COST_FLOPS["cuda"])
+            block_flops = 6.0 * plan.length * tokens_per_row * width
+            groups = self._groups[key] = cheapest_groups(plan.bucket_blocks, plan.bucket_ranks, block_flops, cost)
+        return groups
+
     def _make_plan(
         self,
         active: tuple[int, ...],
@@ -135,13 +192,17 @@ class LoraRouting:
         # long segment is split rather than padding every other one to its length.
         length = -(-sum(seg.stop - seg.start for seg in segments) // len(segments))
         by_bucket = sorted(range(len(active)), key=lambda j: rank_bucket(ranks[j]))  # stable
-        blocks, rows, real, scale, bucket_of_block = [], [], [], [], []
+        blocks, rows, real, scale = [], [], [], []
+        bucket_blocks: dict[int, int] = {}  # in ascending bucket order
+        bucket_ranks: dict[int, int] = {}
         for j in by_bucket:
             i, seg, scaling = active[j], segments[j], scalings[j]
             for start in range(seg.start, seg.stop, length):
                 stop = min(start + length, seg.stop)
                 blocks.append(i)
-                bucket_of_block.append(rank_bucket(ranks[j]))
+                bucket = rank_bucket(ranks[j])
+                bucket_blocks[bucket] = bucket_blocks.get(bucket, 0) + 1
+                bucket_ranks[bucket] = max(bucket_ranks.get(bucket, 0), ranks[j])
                 scale.append(scaling)
                 # Padding reads (and, with a zero delta, writes) the block's first row.
                 rows.extend([*range(start, stop), *[start] * (length - (stop - start))])
@@ -150,7 +211,8 @@ class LoraRouting:
         in_order = not padded and rows == list(range(self.num_rows))
         return _Plan(
             blocks=tuple(blocks),
-            buckets=tuple(Counter(bucket_of_block).values()),  # counts in first-seen (sorted) order
+            bucket_blocks=tuple(bucket_blocks.values()),
+            bucket_ranks=tuple(bucket_ranks.values()),
             length=length,
             row_index=None if in_order else torch.tensor(rows, device=device),
             mask=torch.tensor(real, dtype=dtype, device=device) if padded else None,
@@ -180,12 +242,13 @@ class LoraLinear(nn.Module):
                     y[row] += (x[row].float() @ w.A.T @ w.B.T * w.scaling).to(y.dtype)
 
     With one adapter segment the delta is computed for its rows alone. With several (of one
-    dtype), the rows are gathered into equal blocks grouped by rank bucket (see ``_Plan`` and
-    ``rank_bucket``); per bucket, A and B are zero-padded to the bucket's largest rank and
-    stacked, and two ``bmm`` compute the bucket's deltas; zero padding adds exact zeros, and
-    gradients reach only the real rows and the real slices of A and B. This avoids a
-    per-segment row slice, whose backward writes a zero tensor of the whole batch, and padding
-    a rank-4 adapter to rank 32 because a rank-32 one shares the batch.
+    dtype), the rows are gathered into equal blocks sorted by rank bucket (see ``_Plan`` and
+    ``rank_bucket``), and the buckets into groups by cost (``LoraRouting.groups``: padding a
+    rank-4 adapter to rank 32 against more small ops); per group, A and B are zero-padded to
+    the group's largest rank and stacked, and two ``bmm`` compute the group's deltas; zero
+    padding adds exact zeros, and gradients reach only the real rows and the real slices of A
+    and B. This avoids a per-segment row slice, whose backward writes a zero tensor of the
+    whole batch.
     Adapters in one batch may have different ranks and target sets.
     Weights are kept in a plain dict, not as registered parameters: adapter ids are arbitrary
     strings, and adapters must not appear in the base model's ``parameters()`` or ``state_dict()``.
@@ -253,13 +316,14 @@ class LoraLinear(nn.Module):
         if plan.mask is not None:  # zero padding rows: their delta is exactly zero
             x = x * plan.mask.view(-1, *[1] * (x.dim() - 1))
         xs = x.reshape(len(plan.blocks), -1, x.shape[-1])  # [blocks, length * tokens, in]
+        groups = self.routing.groups(plan, xs.shape[1] // plan.length, self.in_features + self.out_features, x.device)
         # split, not slices: its backward is one cat, a slice's writes a zero tensor of all of xs
-        parts = xs.split(plan.buckets) if len(plan.buckets) > 1 else (xs,)
+        parts = xs.split(groups) if len(groups) > 1 else (xs,)
         deltas, first = [], 0
-        for xs_bucket in parts:
-            blocks = plan.blocks[first : first + xs_bucket.shape[0]]
+        for xs_group in parts:
+            blocks = plan.blocks[first : first + xs_group.shape[0]]
             first += len(blocks)
-            deltas.append(_bucket_delta(xs_bucket, [by_segment[i] for i in blocks]))
+            deltas.append(_group_delta(xs_group, [by_segment[i] for i in blocks]))
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
         delta = (delta * plan.scale).to(y.dtype)
         if plan.row_index is None:
@@ -267,7 +331,7 @@ class LoraLinear(nn.Module):
         return y.index_add(0, plan.row_index, delta.reshape(-1, *y.shape[1:]))
 
 
-def _bucket_delta(xs: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _group_delta(xs: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``xs[k] @ A_k.T @ B_k.T`` for each block k, ``pairs[k] = (A_k, B_k)``, as one tensor.
 
     One cat each for all blocks, zero rows up to the largest rank (no pad per adapter; the
