@@ -148,6 +148,7 @@ class EnginePool:
             "max_host_adapters": self.limits.host_adapters,
             "offload_dir": self.data_dir / "offload" / _safe_name(base_model),
             "max_lora_rank": self.limits.max_lora_rank,
+            "checkpoint_tokens": self.limits.checkpoint_tokens or None,
         }
 
     def _engine(self, base_model: str, path: Path, placement: ModelPlacement, device: str | None) -> Engine:

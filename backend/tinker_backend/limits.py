@@ -12,6 +12,8 @@ _HELP = {
     "adapter_slots": "adapters attached on the device at once (and most runs per clock cycle)",
     "host_adapters": "adapters out of a slot kept in host memory; older ones go to disk",
     "max_tokens_per_cycle": "tokens of forward/backward work merged into one clock cycle",
+    "checkpoint_tokens": "padded tokens of a training pass from which the decoder layers' activations are "
+    "recomputed in the backward pass instead of kept (less memory, about one more forward; 0: never)",
     "ephemeral_samplers_per_run": "in-memory samplers (save_weights_and_get_sampling_client) kept per "
     "training run; making one more unloads its oldest",
     "stability_max_tokens": "tokens of sampling records (record_stability_info) kept in memory; past it the "
@@ -29,6 +31,7 @@ class Limits:
     adapter_slots: int = 64
     host_adapters: int = 256
     max_tokens_per_cycle: int = 16384
+    checkpoint_tokens: int = 4096  # engine.model_engine.DEFAULT_CHECKPOINT_TOKENS (not imported: no torch here)
     ephemeral_samplers_per_run: int = 8
     stability_max_tokens: int = 16_000_000  # about 128 MB (stability.py)
     stability_ttl_s: int = 24 * 3600  # a day, as the Tinker docs say
@@ -42,7 +45,7 @@ class Limits:
 
 
 def _minimum(name: str) -> int:
-    return 0 if name == "host_adapters" else 1
+    return 0 if name in ("host_adapters", "checkpoint_tokens") else 1
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

@@ -25,13 +25,13 @@ from torch.nn import functional as F
 from tinker.types import LoraConfig
 
 __all__ = [
+    "GROUP_COST_FLOPS",
     "LORA_ALPHA",
     "LayerKind",
     "LoraLinear",
     "LoraRouting",
     "LoraWeights",
     "Segment",
-    "GROUP_COST_FLOPS",
     "attach_lora_layers",
     "cheapest_groups",
     "init_lora_weights",

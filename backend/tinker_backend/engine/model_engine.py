@@ -35,6 +35,7 @@ from tinker.types import (
 from .. import checkpoints
 from ..checkpoints import AdapterCheckpoint
 from .adapters import AdapterTable
+from .host_memory import keep_freed_memory
 from .lora import (
     LORA_ALPHA,
     LoraLinear,
@@ -47,7 +48,11 @@ from .protocol import FwdBwdItem
 from .torch_sampler import SAMPLERS, Sampler, SampleRequest, StopCriteria
 from .trainer import PreparedItem, TrainableAdapter, adamw_steps, forward_backward_batch, prepare_item
 
-__all__ = ["FwdBwdItem", "ModelEngine"]
+__all__ = ["DEFAULT_CHECKPOINT_TOKENS", "FwdBwdItem", "ModelEngine"]
+
+# Padded tokens of a training pass from which decoder activations are recomputed in the backward
+# pass rather than kept: SmolLM2 keeps 2.2-3.7 MB of them per token (docs/operations.md).
+DEFAULT_CHECKPOINT_TOKENS = 4096
 
 
 def _same_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -88,6 +93,7 @@ class ModelEngine:
         sampler: str = "torch",
         sampler_dir: Path | None = None,
         max_lora_rank: int = 256,
+        checkpoint_tokens: int | None = DEFAULT_CHECKPOINT_TOKENS,
     ) -> None:
         """``max_slots`` adapters stay attached on the device; the least recently used others
         wait in host memory (up to ``max_host_adapters``) and then on disk in ``offload_dir``.
@@ -97,9 +103,14 @@ class ModelEngine:
         directory it owns and empties at start, temporary by default, and sizes its LoRA
         buffers for ``max_lora_rank``; adapters it cannot serve, those with a LoRA on
         ``lm_head``, go to the torch sampler: ``RoutedSampler``).
+
+        A training pass of at least ``checkpoint_tokens`` padded tokens recomputes the decoder
+        layers' activations in its backward pass instead of keeping them (same gradients, less
+        memory, about one more forward; None: never).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
+        keep_freed_memory()  # before the model's tensors: steps then reuse freed host memory
         self.model_name = model_name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -113,6 +124,7 @@ class ModelEngine:
         self.vocab_size: int = cast(nn.Embedding, self.model.get_input_embeddings()).num_embeddings
         self.max_context_length: int = int(self.model.config.max_position_embeddings)
         self.eos_token_ids: set[int] = self._eos_token_ids()
+        self.checkpoint_tokens = checkpoint_tokens
         self.routing = LoraRouting()
         self.layers: dict[str, LoraLinear] = attach_lora_layers(self.model, self.routing)
         self._adapters = AdapterTable(
@@ -255,7 +267,7 @@ class ModelEngine:
         self, prepared: list[PreparedItem], adapters: dict[str, TrainableAdapter]
     ) -> list[ForwardBackwardOutput | Exception]:
         """The merged pass of a cycle's valid items (a sharded engine splits it over its ranks)."""
-        return forward_backward_batch(self.model, self.routing, prepared, adapters)
+        return forward_backward_batch(self.model, self.routing, prepared, adapters, self.checkpoint_tokens)
 
     def gradients(self, adapter_id: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """The gradients accumulated since the last ``optim_step`` (A, B per module path; None:

@@ -7,12 +7,16 @@ each request's loss reaches only its own adapter, and the result equals running 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tinker.types import AdamParams, ForwardBackwardOutput, LoraConfig, TensorData
 from tinker.validation import check_data_for_model, check_forward_backward, resolve_loss_config
@@ -142,17 +146,40 @@ def prepare_item(
     return PreparedItem(key, tokens, targets, inputs, item.loss_fn, config, item.backward)
 
 
+@contextlib.contextmanager
+def recomputed_activations(model: nn.Module) -> Iterator[None]:
+    """Within the block, each decoder layer keeps only its inputs for the backward pass and
+    computes its activations again there (activation checkpointing): a training pass then holds
+    one layer's activations at a time instead of every layer's, for about one more forward.
+
+    The recomputation gives the same values, so gradients are unchanged. The layers' ``forward``
+    is wrapped, not ``__call__``, so module hooks (FSDP's) stay outside; the LoRA routing must
+    not change before the backward pass, which ``forward_backward_batch`` runs at once.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
 def forward_backward_batch(
     model: nn.Module,
     routing: LoraRouting,
     items: Sequence[PreparedItem],
     adapters: Mapping[str, TrainableAdapter],
+    checkpoint_tokens: int | None = None,
 ) -> list[ForwardBackwardOutput | Exception]:
     """One padded forward pass over all ``items`` (and one backward over those with ``backward``).
 
     ``adapters`` maps routing keys to adapters. Gradients accumulate into each adapter's
     ``.grad``. A loss that fails marks only its own item; an adapter whose every backward item
-    failed keeps the gradients it had.
+    failed keeps the gradients it had. A training pass of at least ``checkpoint_tokens`` padded
+    tokens recomputes the decoder layers' activations in the backward pass instead of keeping
+    them (``recomputed_activations``; None: never).
     """
     ranks = {key: adapter.config.rank for key, adapter in adapters.items()}
     order, rows, segments, first_row = _layout(items, ranks)
@@ -164,7 +191,9 @@ def forward_backward_batch(
     untouched_grads = {key: [p for p in adapters[key].parameters() if p.grad is None] for key in trained}
     routing.set(segments)
     padded = any(len(r) < width for r in rows)
-    with torch.set_grad_enabled(bool(trained)):
+    recompute = bool(trained) and checkpoint_tokens is not None and len(rows) * width >= checkpoint_tokens
+    layers = recomputed_activations(model) if recompute else contextlib.nullcontext()
+    with torch.set_grad_enabled(bool(trained)), layers:
         logits = model(
             input_ids=input_ids.to(device),
             # Without padding, no mask lets attention take its faster plain-causal path.
