@@ -15,7 +15,10 @@ shapes, tiny-llama's tokenizer: the token ids are random anyway) and measures, i
 3. The torch sampler at 64 concurrent requests over 8 adapters (prompt 128, 128 new tokens):
    generated tokens/s.
 4. The bf16-vs-fp32 loss gap: the same batch and adapter in both dtypes, before and after 5 steps.
-5. Many small tenants (``bench_small_tenants.py``'s case, tiny-llama through the embedded
+5. Rank groups: 8 adapters of ranks 4/8/16/32 merged, one padded group vs a group per rank
+   bucket vs the default by cost, at 2 x 40 and 2 x 512 tokens (calibrates ``GROUP_COST_FLOPS``).
+6. Activation checkpointing: the SFT step keeping vs recomputing activations, time and peak memory.
+7. Many small tenants (``bench_small_tenants.py``'s case, tiny-llama through the embedded
    client): 8 and 32 runs of 2 short sequences, equal and mixed ranks, merged / one-run and
    serial / merged (medians of 3 repeats).
 
@@ -113,6 +116,44 @@ def merging(engine: ModelEngine, args: argparse.Namespace) -> dict[str, float]:
             "merged_speedup_vs_one_at_a_time": one_by_one / merged}
 
 
+def rank_groups(engine: ModelEngine, args: argparse.Namespace) -> dict[str, float]:
+    """8 adapters of ranks 4/8/16/32 in one merged fb at short (2 x 40) and long (2 x length)
+    rows: seconds with one rank group, a group per rank bucket, and the default by cost
+    (``GROUP_COST_FLOPS``), to calibrate its CUDA entry."""
+    names = [f"g{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        engine.create_adapter(name, LoraConfig(rank=(4, 8, 16, 32)[i % 4], seed=i))
+    results = {}
+    for length in (40, args.length):
+        data = {name: batch(engine.vocab_size, 2, length, i) for i, name in enumerate(names)}
+        items = [FwdBwdItem(n, data[n], "cross_entropy") for n in names]
+        for label, cost in (("one_group", float("inf")), ("bucket_groups", 0.0), ("default", None)):
+            engine.routing.group_cost_flops = cost
+            results[f"len{length}_{label}_s"] = timed(lambda: engine.forward_backward_many(items),
+                                                      engine.device, args.repeats)
+    engine.routing.group_cost_flops = None
+    for name in names:
+        engine.remove_adapter(name)
+    return results
+
+
+def checkpointing(engine: ModelEngine, args: argparse.Namespace) -> dict[str, float]:
+    """The SFT step (rank 32, rows x length) keeping activations vs recomputing them: seconds
+    and peak GPU memory of each."""
+    data = batch(engine.vocab_size, args.rows, args.length, 0)
+    results = {}
+    for label, tokens in (("kept", None), ("recomputed", 1)):
+        engine.checkpoint_tokens = tokens
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results[f"{label}_s"] = timed(lambda: engine.forward_backward("sft", data, "cross_entropy", None, True),
+                                      engine.device, args.repeats)
+        if engine.device.type == "cuda":
+            results[f"{label}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    engine.checkpoint_tokens = None
+    return results
+
+
 def sampling(engine: ModelEngine, args: argparse.Namespace) -> dict[str, float]:
     for i in range(8):
         engine.snapshot_sampler(f"t{i}", f"s{i}")
@@ -181,13 +222,15 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp), size)
-        engine = ModelEngine("suite", path, device, torch.bfloat16)
+        engine = ModelEngine("suite", path, device, torch.bfloat16, checkpoint_tokens=None)
         results: dict[str, Any] = {
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
             "torch": torch.__version__,
             "flop_convention": "MFU = k * N * tokens/s / peak, N = base parameters, k = 6 (and 4: LoRA, frozen base)",
             "sft_bf16": sft(engine, args, args.peak_tflops),
             "merging_bf16": merging(engine, args),
+            "rank_groups_bf16": rank_groups(engine, args),
+            "checkpointing_bf16": checkpointing(engine, args),
             "sampling_bf16": sampling(engine, args),
         }
         del engine

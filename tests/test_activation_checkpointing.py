@@ -8,7 +8,7 @@ from test_engine_lora import clear_grads, grads, make_datum, train_a_little
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tinker.types import LoraConfig
-from tinker_backend.engine.model_engine import FwdBwdItem, ModelEngine
+from tinker_backend.engine.model_engine import DEFAULT_CHECKPOINT_TOKENS, FwdBwdItem, ModelEngine
 from tinker_backend.engine.trainer import recomputed_activations
 from tinker_backend.limits import Limits
 from tinker_backend.model_registry import resolve_model
@@ -113,7 +113,7 @@ def test_small_passes_and_forward_only_passes_are_not_checkpointed(engine, monke
 
 
 def test_checkpoint_tokens_limit():
-    assert Limits().checkpoint_tokens == 4096
+    assert Limits().checkpoint_tokens == DEFAULT_CHECKPOINT_TOKENS == 2048  # the server's and the engine's
     assert Limits(checkpoint_tokens=0).checkpoint_tokens == 0  # never
     with pytest.raises(ValueError, match=r"checkpoint_tokens: expected an int >= 0, got -1"):
         Limits(checkpoint_tokens=-1)

@@ -31,7 +31,7 @@ class Limits:
     adapter_slots: int = 64
     host_adapters: int = 256
     max_tokens_per_cycle: int = 16384
-    checkpoint_tokens: int = 4096  # engine.model_engine.DEFAULT_CHECKPOINT_TOKENS (not imported: no torch here)
+    checkpoint_tokens: int = 2048  # engine.model_engine.DEFAULT_CHECKPOINT_TOKENS (not imported: no torch here)
     ephemeral_samplers_per_run: int = 8
     stability_max_tokens: int = 16_000_000  # about 128 MB (stability.py)
     stability_ttl_s: int = 24 * 3600  # a day, as the Tinker docs say

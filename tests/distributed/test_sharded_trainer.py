@@ -153,3 +153,17 @@ def test_two_ranks_equal_one_process_and_checkpoints_interchange(
     assert not isinstance(from_group, Exception) and not isinstance(from_single, Exception)
     assert from_single.metrics["loss:sum"] == pytest.approx(from_group.metrics["loss:sum"], rel=RTOL)
     assert_close(single.gradients("x"), group.call("gradients", "x"), "gradients after load")
+
+
+def test_two_ranks_recomputing_activations_equal_one_process_keeping_them(single: ModelEngine, tmp_path: Path) -> None:
+    """With activation checkpointing on every training pass (``checkpoint_tokens=1``) under
+    FSDP2, the group still computes what the single process computes without it."""
+    spec = GroupSpec("tiny-llama", resolve_model("tiny-llama"), ranks=2, engine_options={"checkpoint_tokens": 1})
+    recomputing = TrainerGroup(spec)
+    try:
+        single_fresh = ModelEngine("tiny-llama", resolve_model("tiny-llama"), checkpoint_tokens=None)
+        expected = script(lambda method, *a: getattr(single_fresh, method)(*a), single.vocab_size, tmp_path / "single")
+        actual = script(recomputing.call, recomputing.vocab_size, tmp_path / "group")
+    finally:
+        recomputing.stop()
+    assert_close(expected, actual, "script")

@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_CHECKPOINT_TOKENS", "FwdBwdItem", "ModelEngine"]
 
 # Padded tokens of a training pass from which decoder activations are recomputed in the backward
 # pass rather than kept: SmolLM2 keeps 2.2-3.7 MB of them per token (docs/operations.md).
-DEFAULT_CHECKPOINT_TOKENS = 4096
+DEFAULT_CHECKPOINT_TOKENS = 2048
 
 
 def _same_weight(saved: torch.Tensor, weight: torch.Tensor) -> bool:

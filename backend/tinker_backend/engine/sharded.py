@@ -98,7 +98,7 @@ class ShardedModelEngine(ModelEngine):
             local.append(_idle_item(trained[0], True, self.device))
         elif not local:
             local.append(_idle_item(prepared[0].key, False, self.device))
-        outputs = forward_backward_batch(self.model, self.routing, local, adapters)
+        outputs = forward_backward_batch(self.model, self.routing, local, adapters, self.checkpoint_tokens)
         gathered: list[Any] = [None] * self.world_size
         mine_outputs = zip(shares[self.rank], outputs[: len(mine)], strict=True)  # not the idle row's
         dist.all_gather_object(gathered, [(i, picklable(out)) for i, out in mine_outputs])
