@@ -1,12 +1,13 @@
 """Many small tenants: N runs of 2 short sequences each, merged clock cycles vs one big run.
 
-    python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed] [--repeat 3]
+    python bench/bench_small_tenants.py [--runs 8 32] [--ranks equal mixed rank32] [--repeat 3]
         [--transports embedded server] [--steps 24] [--no-serial] [--clock wall|process]
         [--device cpu|cuda] [--profile [--no-stages]] [--profile-only]
 
 Each run trains 2 sequences (40 and 20 tokens) with ``--steps`` pipelined ``forward_backward``
 + ``optim_step`` (step k+1 of every run is submitted before step k is awaited). Ranks are all
-8 (``equal``) or 4/8/16/32 in turn (``mixed``). Three ways to do the same work, in one process,
+8 (``equal``), 4/8/16/32 in turn (``mixed``), or all 32 (``rank32``: the work of ``mixed``
+padded to its largest rank, as one rank group computes it). Three ways to do the same work, in one process,
 each after one warm-up step:
 
   merged    the N runs at once: the scheduler's clock cycles merge them
@@ -100,6 +101,8 @@ def serial(clients: list[tinker.TrainingClient], batches: list[list[Any]], steps
 
 
 def ranks_of(kind: str, runs: int) -> list[int]:
+    if kind == "rank32":
+        return [32] * runs
     return [8] * runs if kind == "equal" else [MIXED_RANKS[i % len(MIXED_RANKS)] for i in range(runs)]
 
 
@@ -343,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--runs", nargs="+", type=int, default=[8, 32])
-    parser.add_argument("--ranks", nargs="+", choices=["equal", "mixed"], default=["equal", "mixed"])
+    parser.add_argument("--ranks", nargs="+", choices=["equal", "mixed", "rank32"], default=["equal", "mixed"])
     parser.add_argument("--transports", nargs="+", choices=["embedded", "server"], default=["embedded", "server"])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeat", type=int, default=3, help="measure each mode this many times, in turn")
