@@ -27,20 +27,15 @@ MODELS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny-llama"
 
 def one(model: str, rows: int, tokens: int, checkpoint: bool, steps: int) -> dict[str, float]:
     """Run in a child process: peak RSS (GB) and median seconds per step."""
-    import torch
+    from gpu_suite import batch
 
-    from tinker.types import AdamParams, Datum, LoraConfig, ModelInput
+    from tinker.types import AdamParams, LoraConfig
     from tinker_backend.engine.model_engine import ModelEngine
     from tinker_backend.model_registry import resolve_model
 
     engine = ModelEngine(model, resolve_model(model), checkpoint_tokens=1 if checkpoint else None)
     engine.create_adapter("run", LoraConfig(rank=16, seed=0))
-    generator = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(rows):
-        ids = torch.randint(0, engine.vocab_size, (tokens + 1,), generator=generator).tolist()
-        data.append(Datum(model_input=ModelInput.from_ints(ids[:-1]),
-                          loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * tokens}))
+    data = batch(engine.vocab_size, rows, tokens, 0)
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from test_engine_lora import clear_grads, grads, make_datum, train_a_little
@@ -10,7 +12,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from tinker.types import LoraConfig
 from tinker_backend.engine.model_engine import DEFAULT_CHECKPOINT_TOKENS, FwdBwdItem, ModelEngine
 from tinker_backend.engine.trainer import recomputed_activations
-from tinker_backend.limits import Limits
+from tinker_backend.engines import EnginePool
+from tinker_backend.limits import Limits, add_arguments, from_args
 from tinker_backend.model_registry import resolve_model
 
 
@@ -112,8 +115,20 @@ def test_small_passes_and_forward_only_passes_are_not_checkpointed(engine, monke
         engine.remove_adapter("ckpt-small")
 
 
+@pytest.mark.parametrize(("argv", "engine_option"), [([], DEFAULT_CHECKPOINT_TOKENS), (["--checkpoint-tokens", "0"], None),
+                                                     (["--checkpoint-tokens", "512"], 512)])
+def test_checkpoint_tokens_option_reaches_the_engine_options(tmp_path, argv, engine_option):
+    """``tinker-server --checkpoint-tokens N`` becomes the engines' ``checkpoint_tokens`` (0: never)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    pool = EnginePool(tmp_path, from_args(parser.parse_args(argv)), sampler="torch", allow_local_models=False)
+    options = pool._engine_options("tiny-llama", pool.deployment.placement("tiny-llama"))
+    assert options["checkpoint_tokens"] == engine_option
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint-tokens", "-1"])
+
+
 def test_checkpoint_tokens_limit():
     assert Limits().checkpoint_tokens == DEFAULT_CHECKPOINT_TOKENS == 2048  # the server's and the engine's
-    assert Limits(checkpoint_tokens=0).checkpoint_tokens == 0  # never
     with pytest.raises(ValueError, match=r"checkpoint_tokens: expected an int >= 0, got -1"):
         Limits(checkpoint_tokens=-1)

@@ -155,14 +155,18 @@ def test_two_ranks_equal_one_process_and_checkpoints_interchange(
     assert_close(single.gradients("x"), group.call("gradients", "x"), "gradients after load")
 
 
-def test_two_ranks_recomputing_activations_equal_one_process_keeping_them(single: ModelEngine, tmp_path: Path) -> None:
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_recomputing_activations_equal_one_process_keeping_them(tmp_path: Path) -> None:
     """With activation checkpointing on every training pass (``checkpoint_tokens=1``) under
     FSDP2, the group still computes what the single process computes without it."""
     spec = GroupSpec("tiny-llama", resolve_model("tiny-llama"), ranks=2, engine_options={"checkpoint_tokens": 1})
     recomputing = TrainerGroup(spec)
     try:
-        single_fresh = ModelEngine("tiny-llama", resolve_model("tiny-llama"), checkpoint_tokens=None)
-        expected = script(lambda method, *a: getattr(single_fresh, method)(*a), single.vocab_size, tmp_path / "single")
+        assert recomputing.call("__getattribute__", "checkpoint_tokens") == 1  # the ranks got the option
+        keeping = ModelEngine("tiny-llama", resolve_model("tiny-llama"), checkpoint_tokens=None)
+        expected = script(lambda method, *a: getattr(keeping, method)(*a), keeping.vocab_size, tmp_path / "single")
         actual = script(recomputing.call, recomputing.vocab_size, tmp_path / "group")
     finally:
         recomputing.stop()

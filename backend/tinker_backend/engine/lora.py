@@ -169,12 +169,12 @@ class LoraRouting:
         few more small ops. A block's LoRA FLOPs per rank unit, forward and backward, are
         ``6 * rows * tokens * width``; ``cheapest_groups`` weighs them against the group cost.
         """
-        key = (plan.bucket_blocks, plan.bucket_ranks, plan.length * tokens_per_row, width, device.type)
+        cost = self.group_cost_flops
+        if cost is None:
+            cost = GROUP_COST_FLOPS.get(device.type, GROUP_COST_FLOPS["cuda"])
+        key = (plan.bucket_blocks, plan.bucket_ranks, plan.length * tokens_per_row, width, cost)
         groups = self._groups.get(key)
         if groups is None:
-            cost = self.group_cost_flops
-            if cost is None:
-                cost = GROUP_COST_FLOPS.get(device.type, GROUP_COST_FLOPS["cuda"])
             block_flops = 6.0 * plan.length * tokens_per_row * width
             groups = self._groups[key] = cheapest_groups(plan.bucket_blocks, plan.bucket_ranks, block_flops, cost)
         return groups
